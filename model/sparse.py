@@ -1,0 +1,394 @@
+"""Block-sparse attention of the BigBird / Longformer family: the pattern and the public entry.
+
+    from model.sparse import SparsityConfig, sparse_attention
+    cfg = SparsityConfig(block_size=64, window_blocks=3, global_blocks=2, random_blocks=3)
+    out = sparse_attention(q, k, v, cfg, layer=0)     # q, k, v: [batch, heads, seq, head_dim]
+    mask = cfg.dense_mask(seq_len, layer=0)            # the exact pattern, [heads or 1, seq, seq]
+
+The rule, for query token i and key token j (blocks I = i // b, J = j // b):
+
+    allowed(i, j) = (window(i, j) or random(I, J) or global(i) or global(j))
+                    and (j <= i if causal) and not padded(j)
+
+- window: J - I in [-left * d, right * d] and (j - i) % d == 0, with d the head's dilation;
+  bidirectional left = right = (window_blocks - 1) / 2, causal left = window_blocks - 1, right = 0.
+- global: the ITC blocks (bidirectional: the first ceil(g/2) and last floor(g/2) blocks;
+  causal: the first g blocks, a visible prefix), explicit `global_tokens`, the `etc_tokens`
+  extra leading tokens, and a per-sample `global_mask`. A global query sees every key (still
+  causal in causal models); a global key is seen by every query.
+- random: each non-global query block sees `random_blocks` key blocks drawn outside the window
+  (of every head, or of its own head with `random_per_head`) and outside the ITC blocks; causal
+  draws only from blocks before the window. The draw is a pure function of
+  (seed, step, layer[, head]) so every rank can recompute every other rank's choice.
+A key reachable by two rules counts once. `dense_mask` is built from this rule directly and,
+with dense attention, is the oracle for every test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from model.sparse_kernel import block_sparse_attention, global_query_attention, make_plan
+from model.sparse_plan import build_block_table, gather_global_positions
+
+__all__ = ["SparsityConfig", "sparse_attention", "dense_attention"]
+
+
+def _as_int_tuple(value: object, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    raise ValueError(f"attention.{name}={value!r} must be an integer or a list of integers")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """The attention pattern. Frozen: one value object shared by every layer and rank."""
+
+    block_size: int = 64
+    """Tokens per block; the sequence length (per context-parallel rank too) is a multiple."""
+    window_blocks: int = 3
+    """Key blocks in the sliding window of a query block: odd for bidirectional (centre and
+    (w-1)/2 each side); for causal, the diagonal block and w-1 blocks before it."""
+    global_blocks: int = 2
+    """ITC global blocks: bidirectional, the first ceil(g/2) and the last floor(g/2) blocks;
+    causal, the first g blocks (a visible, still causal, prefix or "sink")."""
+    random_blocks: int = 3
+    """BigBird random key blocks per non-global query block (0 for Longformer)."""
+    causal: bool = False
+    """Causal language modelling: no key after its query, and a causal mask on the diagonal."""
+    dilation: int | tuple[int, ...] = 1
+    """Longformer token-level dilation of the window (reach window*dilation); one value or one
+    per head."""
+    global_tokens: tuple[int, ...] | None = None
+    """Explicit global token positions (ITC), in addition to the global blocks."""
+    etc_tokens: int = 0
+    """ETC: extra global tokens the model prepends; they occupy positions [0, etc_tokens)."""
+    random_per_head: bool = False
+    """Draw random blocks per head instead of once per layer."""
+    seed: int = 0
+    """Seed of the random-block draw, combined with step and layer (and head)."""
+    _dilations: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "window_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"attention.{name}={value!r} must be a positive integer")
+        for name in ("global_blocks", "random_blocks", "etc_tokens", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"attention.{name}={value!r} must be a non-negative integer")
+        if not self.causal and self.window_blocks % 2 == 0:
+            raise ValueError(
+                f"attention.window_blocks={self.window_blocks} must be odd for bidirectional "
+                "attention (the centre block and the same number of blocks on each side)"
+            )
+        dilations = _as_int_tuple(self.dilation, "dilation")
+        assert dilations is not None
+        if not dilations or any(d < 1 for d in dilations):
+            raise ValueError(f"attention.dilation={self.dilation!r} must be integers >= 1")
+        object.__setattr__(self, "dilation", dilations[0] if len(dilations) == 1 else dilations)
+        object.__setattr__(self, "_dilations", dilations)
+        tokens = _as_int_tuple(self.global_tokens, "global_tokens")
+        if tokens is not None:
+            if any(t < 0 for t in tokens):
+                raise ValueError(
+                    f"attention.global_tokens={list(tokens)} must hold non-negative positions"
+                )
+            tokens = tuple(sorted(set(tokens)))
+        object.__setattr__(self, "global_tokens", tokens)
+        if self.causal and self.etc_tokens:
+            raise ValueError(
+                f"attention.etc_tokens={self.etc_tokens} cannot be used with causal=true: ETC "
+                "tokens attend to every position, which breaks causality; use global_blocks "
+                "(a causal visible prefix) instead"
+            )
+
+    # ---- derived geometry -------------------------------------------------------------------
+
+    @property
+    def left_blocks(self) -> int:
+        return self.window_blocks - 1 if self.causal else (self.window_blocks - 1) // 2
+
+    @property
+    def right_blocks(self) -> int:
+        return 0 if self.causal else (self.window_blocks - 1) // 2
+
+    def head_dilations(self, n_heads: int) -> tuple[int, ...]:
+        """One dilation per head; raises when a per-head list does not match `n_heads`."""
+        if len(self._dilations) == 1:
+            return self._dilations * n_heads
+        if len(self._dilations) != n_heads:
+            raise ValueError(
+                f"attention.dilation has {len(self._dilations)} values but the layer has "
+                f"{n_heads} heads; give one value or one per head"
+            )
+        return self._dilations
+
+    @property
+    def max_dilation(self) -> int:
+        return max(self._dilations)
+
+    @property
+    def reach_tokens(self) -> tuple[int, int]:
+        """Tokens a query block reaches before and after itself through the window."""
+        b, d = self.block_size, self.max_dilation
+        return self.left_blocks * d * b, self.right_blocks * d * b
+
+    def global_block_ids(self, n_blocks: int) -> list[int]:
+        if self.causal:
+            return list(range(self.global_blocks))
+        first = (self.global_blocks + 1) // 2
+        last = self.global_blocks // 2
+        return list(range(first)) + list(range(n_blocks - last, n_blocks))
+
+    def global_positions(self, seq_len: int) -> torch.Tensor:
+        """Sorted token positions that are global for every sample (ITC blocks, tokens, ETC)."""
+        b = self.block_size
+        flags = torch.zeros(seq_len, dtype=torch.bool)
+        for block in self.global_block_ids(seq_len // b):
+            flags[block * b : (block + 1) * b] = True
+        if self.global_tokens:
+            flags[list(self.global_tokens)] = True
+        flags[: self.etc_tokens] = True
+        return flags.nonzero().flatten()
+
+    def validate_seq_len(self, seq_len: int) -> None:
+        """Raise a ValueError naming the setting that makes `seq_len` impossible."""
+        b = self.block_size
+        if seq_len <= 0 or seq_len % b:
+            raise ValueError(
+                f"sequence length {seq_len} must be a positive multiple of attention.block_size={b}"
+            )
+        n_blocks = seq_len // b
+        span = (self.left_blocks + self.right_blocks) * self.max_dilation + 1
+        if span > n_blocks:
+            raise ValueError(
+                f"attention.window_blocks={self.window_blocks} with dilation "
+                f"{self.max_dilation} spans {span} blocks, wider than the sequence of "
+                f"{n_blocks} blocks ({seq_len} tokens / block_size {b})"
+            )
+        if self.global_blocks > n_blocks:
+            raise ValueError(
+                f"attention.global_blocks={self.global_blocks} exceeds the {n_blocks} blocks "
+                f"of a {seq_len}-token sequence"
+            )
+        if self.global_tokens and self.global_tokens[-1] >= seq_len:
+            raise ValueError(
+                f"attention.global_tokens holds position {self.global_tokens[-1]}, outside a "
+                f"sequence of {seq_len} tokens"
+            )
+        if self.etc_tokens > seq_len:
+            raise ValueError(
+                f"attention.etc_tokens={self.etc_tokens} exceeds the sequence length {seq_len}"
+            )
+
+    # ---- the random draw --------------------------------------------------------------------
+
+    def draw_seed(self, step: int, layer: int, head: int) -> int:
+        key = f"halotron-random-blocks:{self.seed}:{step}:{layer}:{head}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    def random_table(self, seq_len: int, n_heads: int, layer: int = 0, step: int = 0):
+        """Random key blocks per query block: long [1 or heads, n_blocks, random_blocks],
+        -1 where fewer candidates exist. Identical on every rank for the same arguments."""
+        n_blocks = seq_len // self.block_size
+        dilations = self.head_dilations(n_heads)
+        draws = range(n_heads) if self.random_per_head else [None]
+        tables = []
+        for head in draws:
+            reach = dilations[head] if head is not None else max(dilations)
+            tables.append(self._draw(n_blocks, reach, self.draw_seed(step, layer, head or 0)))
+        return torch.stack(tables)
+
+    def _draw(self, n_blocks: int, dilation: int, seed: int) -> torch.Tensor:
+        r = self.random_blocks
+        if r == 0:
+            return torch.empty(n_blocks, 0, dtype=torch.long)
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.rand(n_blocks, n_blocks, generator=gen)
+        rows = torch.arange(n_blocks).unsqueeze(1)
+        cols = torch.arange(n_blocks).unsqueeze(0)
+        offset = cols - rows
+        excluded = (offset >= -self.left_blocks * dilation) & (
+            offset <= self.right_blocks * dilation
+        )
+        if self.causal:
+            excluded |= offset > 0
+        global_blocks = self.global_block_ids(n_blocks)
+        excluded[:, global_blocks] = True
+        scores = scores.masked_fill(excluded, math.inf)
+        picked_scores, picked = scores.topk(min(r, n_blocks), dim=1, largest=False)
+        picked = picked.masked_fill(picked_scores.isinf(), -1)
+        picked[global_blocks] = -1  # global query blocks already see every key
+        if picked.shape[1] < r:
+            pad = torch.full((n_blocks, r - picked.shape[1]), -1, dtype=torch.long)
+            picked = torch.cat([picked, pad], dim=1)
+        return picked
+
+    # ---- the oracle -------------------------------------------------------------------------
+
+    def dense_mask(
+        self,
+        seq_len: int,
+        layer: int = 0,
+        step: int = 0,
+        global_mask: torch.Tensor | None = None,
+        n_heads: int | None = None,
+    ) -> torch.Tensor:
+        """The exact pattern as a dense bool mask [heads or 1, seq, seq] (True = attend), or
+        [batch, heads or 1, seq, seq] with a per-sample `global_mask` [batch, seq]. O(seq^2):
+        for tests and pictures only."""
+        self.validate_seq_len(seq_len)
+        per_head = len(self._dilations) > 1 or self.random_per_head
+        if n_heads is None:
+            n_heads = len(self._dilations) if len(self._dilations) > 1 else 1
+        heads = n_heads if per_head else 1
+        b = self.block_size
+        pos = torch.arange(seq_len)
+        i, j = pos.view(-1, 1), pos.view(1, -1)
+        block_offset = j // b - i // b
+        dilations = self.head_dilations(n_heads)
+        table = self.random_table(seq_len, n_heads, layer, step)
+        masks = []
+        for h in range(heads):
+            d = dilations[h]
+            window = (block_offset >= -self.left_blocks * d) & (
+                block_offset <= self.right_blocks * d
+            )
+            window &= (j - i) % d == 0
+            rand_blocks = torch.zeros(seq_len // b, seq_len // b, dtype=torch.bool)
+            rows = table[h if self.random_per_head else 0]
+            for r in range(rows.shape[1]):
+                ok = rows[:, r] >= 0
+                rand_blocks[ok.nonzero().flatten(), rows[ok, r]] = True
+            rand = rand_blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)
+            masks.append(window | rand)
+        mask = torch.stack(masks)  # [heads, seq, seq]
+        glob = torch.zeros(seq_len, dtype=torch.bool)
+        glob[self.global_positions(seq_len)] = True
+        if global_mask is not None:
+            glob = glob.unsqueeze(0) | global_mask.bool()  # [batch, seq]
+            mask = mask.unsqueeze(0) | glob[:, None, :, None] | glob[:, None, None, :]
+        else:
+            mask = mask | glob.view(1, -1, 1) | glob.view(1, 1, -1)
+        if self.causal:
+            mask = mask & (j <= i)
+        return mask
+
+    def count_pairs(self, seq_len: int, n_heads: int = 1, layer: int = 0, step: int = 0) -> int:
+        """Attended (query, key) pairs summed over heads, without an N x N tensor."""
+        from model.sparse_kernel import count_allowed_pairs
+
+        return count_allowed_pairs(self, seq_len, n_heads, layer, step)
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention over a dense bool mask; a row with no allowed key gives zeros.
+    The reference every sparse and parallel path is tested against."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+def _check_inputs(q, k, v, padding_mask, global_mask) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "q, k and v must have the same shape [batch, heads, seq, head_dim]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    for name, m in (("padding_mask", padding_mask), ("global_mask", global_mask)):
+        if m is not None and tuple(m.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(
+                f"{name} must be [batch, seq] = {(q.shape[0], q.shape[2])}; got {tuple(m.shape)}"
+            )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: SparsityConfig,
+    layer: int = 0,
+    step: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    global_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact block-sparse attention on one device; memory and time linear in seq.
+
+    q, k, v: [batch, heads, seq, head_dim]. padding_mask: [batch, seq] bool, True = padded
+    key (never attended). global_mask: [batch, seq] bool, True = global token of that sample.
+    """
+    _check_inputs(q, k, v, padding_mask, global_mask)
+    batch, n_heads, seq_len, _ = q.shape
+    cfg.validate_seq_len(seq_len)
+    if q.is_cuda:
+        from model.sparse_flex import flex_sparse_attention
+
+        return flex_sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask)
+    table = build_block_table(cfg, seq_len, n_heads, layer, step)
+    glob = gather_global_positions(cfg, seq_len, global_mask, batch)
+    positions = torch.arange(seq_len)
+    key_blocked = glob.is_global
+    key_valid = None
+    if padding_mask is not None:
+        key_valid = ~padding_mask.bool().cpu()
+        key_blocked = key_blocked | ~key_valid
+    g_valid = glob.valid
+    if key_valid is not None:
+        g_valid = g_valid & key_valid.gather(1, glob.positions.expand(batch, -1))
+    plan = make_plan(
+        table,
+        positions,
+        positions,
+        key_blocked,
+        glob.positions,
+        g_valid,
+        cfg.causal,
+        cfg.block_size,
+        q.shape[-1],
+    )
+    gk, gv = _gather_rows(k, glob.positions), _gather_rows(v, glob.positions)
+    out, _ = block_sparse_attention(q, k, v, gk, gv, plan)
+    if glob.positions.shape[-1] == 0:
+        return out
+    q_glob = _gather_rows(q, glob.positions)
+    g_out, _ = global_query_attention(
+        q_glob, k, v, glob.positions, positions, key_valid, cfg.causal, need_lse=False
+    )
+    return _scatter_rows(out, g_out, glob.positions, glob.valid)
+
+
+def _gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D], positions [B or 1, G] -> [B, H, G, D]."""
+    batch, heads, _, dim = x.shape
+    idx = positions.to(x.device).expand(batch, -1)[:, None, :, None]
+    return x.gather(2, idx.expand(batch, heads, -1, dim))
+
+
+def _scatter_rows(
+    out: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Replace the global query rows of `out` with `rows`; padded slots write nothing."""
+    batch, heads, seq_len, dim = out.shape
+    idx = positions.to(out.device).expand(batch, -1)[:, None, :, None]
+    idx = idx.expand(batch, heads, -1, dim)
+    keep = valid.to(out.device).expand(batch, -1)[:, None, :, None]
+    placed = torch.zeros_like(out).scatter_add(2, idx, rows * keep)
+    # Counting (not assigning) keeps padded slots, which repeat a position, from erasing a flag.
+    hits = torch.zeros(batch, seq_len, device=out.device)
+    hits.scatter_add_(1, positions.to(out.device).expand(batch, -1), keep[:, 0, :, 0].float())
+    return torch.where(hits[:, None, :, None] > 0, placed, out)

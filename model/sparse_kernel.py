@@ -1,0 +1,282 @@
+"""The blocked pure-PyTorch sparse attention kernel (CPU, and the reference speed elsewhere).
+
+Forward walks the query blocks in chunks: gather the key/value blocks of the block table,
+one batched matmul for the scores, one softmax over [table keys | global keys], one matmul
+back. Nothing of size seq x seq is ever made. The autograd Function saves only its inputs,
+the output and the row log-sum-exp, and recomputes the scores chunk by chunk in backward
+(FlashAttention's trick), so memory stays linear in the sequence length.
+
+Legend: B batch, H heads, Hx 1 or heads, nq / nk query / key-buffer blocks, b block size,
+C query blocks in a chunk, M table entries per query block, G global keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from model.sparse_plan import BlockTable, build_block_table, gather_global_positions
+
+if TYPE_CHECKING:
+    from model.sparse import SparsityConfig
+
+# Score elements per chunk: large enough for efficient batched matmuls, small enough to stay
+# in cache-friendly, bounded memory (16 MiB of fp32 scores).
+_CHUNK_SCORES = 1 << 22
+
+
+@dataclass
+class KernelPlan:
+    table: BlockTable
+    static_blocked: torch.Tensor
+    """bool [Hx, nq, b, M*b], True = masked out: invalid entries, dilation, causality and
+    keys blocked for every sample (shared global keys, attended through the global set)."""
+    sample_blocked: torch.Tensor | None
+    """bool [B, nk*b] keys blocked per sample (padding, per-sample globals), or None."""
+    global_blocked: torch.Tensor
+    """bool [1 or B, nq, b, G], True = global key g is masked out for the query."""
+    block: int
+    scale: float
+
+
+def make_plan(
+    table: BlockTable,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_blocked: torch.Tensor,
+    g_pos: torch.Tensor,
+    g_valid: torch.Tensor,
+    causal: bool,
+    block: int,
+    head_dim: int,
+) -> KernelPlan:
+    """q_pos [nq*b] / k_pos [nk*b]: global positions of the queries and of the key buffer;
+    key_blocked [1 or B, nk*b]: keys table entries must skip; g_pos / g_valid [1 or B, G]."""
+    nq, nk = q_pos.numel() // block, k_pos.numel() // block
+    hx, _, m = table.index.shape
+    mask = table.valid[:, :, None, :, None].expand(hx, nq, block, m, block).clone()
+    needs_dilation = bool((table.dilation > 1).any())
+    if causal or needs_dilation:
+        kpos_tbl = k_pos.to(torch.int32).view(nk, block)[table.index]  # [Hx, nq, M, b]
+        diff = kpos_tbl.unsqueeze(2) - q_pos.to(torch.int32).view(1, nq, block, 1, 1)
+        if needs_dilation:
+            mask &= diff.remainder(table.dilation[:, :, None, :, None].to(torch.int32)) == 0
+        if causal:
+            mask &= diff <= 0
+    shared_blocked = key_blocked.all(dim=0)
+    mask &= ~shared_blocked.view(nk, block)[table.index].unsqueeze(2)
+    static = mask.flatten(3)
+    per_sample = key_blocked & ~shared_blocked
+    sample_blocked = key_blocked if bool(per_sample.any()) else None
+    gmask = g_valid[:, None, None, :].expand(-1, nq, block, -1)
+    if causal:
+        gmask = gmask & (g_pos[:, None, None, :] <= q_pos.view(1, nq, block, 1))
+    return KernelPlan(
+        table=table,
+        static_blocked=~static,
+        sample_blocked=sample_blocked,
+        global_blocked=~gmask,
+        block=block,
+        scale=1.0 / math.sqrt(head_dim),
+    )
+
+
+def _gather_blocks(x_blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x_blocks [B, H, nk, b, D], index [Hx, C, M] -> [B, H, C, M*b, D]."""
+    batch, heads, nk, b, dim = x_blocks.shape
+    hx, c, m = index.shape
+    if hx == 1:
+        out = x_blocks.index_select(2, index.flatten())
+    else:
+        offsets = (torch.arange(heads) * nk).view(heads, 1, 1)
+        flat = x_blocks.reshape(batch, heads * nk, b, dim)
+        out = flat.index_select(1, (index + offsets).flatten())
+    return out.view(batch, heads, c, m * b, dim)
+
+
+def _scatter_blocks(grad_blocks: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """grad_blocks [B, H, nk, b, D] += values [B, H, C, M*b, D] at the blocks of index."""
+    batch, heads, nk, b, dim = grad_blocks.shape
+    hx, c, m = index.shape
+    if hx == 1:
+        grad_blocks.index_add_(2, index.flatten(), values.reshape(batch, heads, c * m, b, dim))
+    else:
+        offsets = (torch.arange(heads) * nk).view(heads, 1, 1)
+        flat = grad_blocks.view(batch, heads * nk, b, dim)
+        rows = values.reshape(batch, heads * c * m, b, dim)
+        flat.index_add_(1, (index + offsets).flatten(), rows)
+
+
+def _chunk_blocked(plan: KernelPlan, c0: int, c1: int) -> torch.Tensor:
+    blocked = plan.static_blocked[:, c0:c1].unsqueeze(0)  # [1, Hx, C, b, M*b]
+    if plan.sample_blocked is None:
+        return blocked
+    nk = plan.sample_blocked.shape[1] // plan.block
+    idx = plan.table.index[:, c0:c1]  # [Hx, C, M]
+    per_sample = plan.sample_blocked.view(-1, nk, plan.block)[:, idx]  # [B, Hx, C, M, b]
+    return blocked | per_sample.flatten(3).unsqueeze(3)
+
+
+def _chunk_scores(q_chunk, kg, gk, plan, c0, c1):
+    """Masked scores of one chunk: table part [B, H, C, b, M*b], global part [B, H, C, b, G]."""
+    s = q_chunk @ kg.transpose(-1, -2)
+    s.masked_fill_(_chunk_blocked(plan, c0, c1), -math.inf)
+    sg = q_chunk @ gk.unsqueeze(2).transpose(-1, -2)
+    sg.masked_fill_(plan.global_blocked[:, None, c0:c1], -math.inf)
+    return s, sg
+
+
+def _chunk_size(batch, heads, nq, b, m, g) -> int:
+    return max(1, min(nq, _CHUNK_SCORES // max(1, batch * heads * b * (m * b + g))))
+
+
+def _safe(lse: torch.Tensor) -> torch.Tensor:
+    # A row with no allowed key has lse -inf; subtracting 0 instead keeps exp() at exactly 0.
+    return lse.masked_fill(lse.isinf(), 0.0)
+
+
+def _forward(q, k, v, gk, gv, plan: KernelPlan):
+    batch, heads, n_q, dim = q.shape
+    b = plan.block
+    nq, nk = n_q // b, k.shape[2] // b
+    m = plan.table.index.shape[2]
+    qb = q.view(batch, heads, nq, b, dim)
+    kb, vb = k.view(batch, heads, nk, b, dim), v.view(batch, heads, nk, b, dim)
+    out = torch.empty_like(qb)
+    lse = torch.empty(batch, heads, nq, b, dtype=q.dtype, device=q.device)
+    gv5 = gv.unsqueeze(2)
+    step = _chunk_size(batch, heads, nq, b, m, gk.shape[2])
+    for c0 in range(0, nq, step):
+        c1 = min(nq, c0 + step)
+        idx = plan.table.index[:, c0:c1]
+        kg, vg = _gather_blocks(kb, idx), _gather_blocks(vb, idx)
+        s, sg = _chunk_scores(qb[:, :, c0:c1] * plan.scale, kg, gk, plan, c0, c1)
+        row_max = torch.maximum(s.amax(-1), sg.amax(-1)) if sg.shape[-1] else s.amax(-1)
+        row_max = _safe(row_max)
+        p = s.sub_(row_max.unsqueeze(-1)).exp_()
+        pg = sg.sub_(row_max.unsqueeze(-1)).exp_()
+        total = p.sum(-1) + pg.sum(-1)
+        chunk_lse = row_max + torch.log(total)
+        inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total)).unsqueeze(-1)
+        out[:, :, c0:c1] = (p @ vg + pg @ gv5) * inv
+        lse[:, :, c0:c1] = chunk_lse
+    return out.view(batch, heads, n_q, dim), lse.view(batch, heads, n_q)
+
+
+def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan):
+    batch, heads, n_q, dim = q.shape
+    b = plan.block
+    nq, nk = n_q // b, k.shape[2] // b
+    m = plan.table.index.shape[2]
+    qb = q.view(batch, heads, nq, b, dim)
+    kb, vb = k.view(batch, heads, nk, b, dim), v.view(batch, heads, nk, b, dim)
+    dob = d_out.reshape(batch, heads, nq, b, dim)
+    delta = (dob * out.view(batch, heads, nq, b, dim)).sum(-1)  # [B, H, nq, b]
+    lse_b = _safe(lse.view(batch, heads, nq, b))
+    dq = torch.empty_like(qb)
+    dk = torch.zeros_like(kb)
+    dv = torch.zeros_like(vb)
+    dgk = torch.zeros_like(gk)
+    dgv = torch.zeros_like(gv)
+    gv5, gk5 = gv.unsqueeze(2), gk.unsqueeze(2)
+    step = _chunk_size(batch, heads, nq, b, m, gk.shape[2])
+    for c0 in range(0, nq, step):
+        c1 = min(nq, c0 + step)
+        idx = plan.table.index[:, c0:c1]
+        kg, vg = _gather_blocks(kb, idx), _gather_blocks(vb, idx)
+        q_chunk = qb[:, :, c0:c1] * plan.scale
+        s, sg = _chunk_scores(q_chunk, kg, gk, plan, c0, c1)
+        row_lse = lse_b[:, :, c0:c1].unsqueeze(-1)
+        p, pg = s.sub_(row_lse).exp_(), sg.sub_(row_lse).exp_()
+        do = dob[:, :, c0:c1]
+        row_delta = delta[:, :, c0:c1].unsqueeze(-1)
+        ds = (do @ vg.transpose(-1, -2)).sub_(row_delta).mul_(p)
+        dsg = (do @ gv5.transpose(-1, -2)).sub_(row_delta).mul_(pg)
+        dq[:, :, c0:c1] = (ds @ kg + dsg @ gk5) * plan.scale
+        _scatter_blocks(dk, idx, ds.transpose(-1, -2) @ q_chunk)
+        _scatter_blocks(dv, idx, p.transpose(-1, -2) @ do)
+        rows = (c1 - c0) * b
+        dgk += dsg.reshape(batch, heads, rows, -1).transpose(-1, -2) @ q_chunk.reshape(
+            batch, heads, rows, dim
+        )
+        dgv += pg.reshape(batch, heads, rows, -1).transpose(-1, -2) @ do.reshape(
+            batch, heads, rows, dim
+        )
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dgk, dgv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gk, gv, plan):  # type: ignore[override]
+        q, k, v, gk, gv = (t.contiguous() for t in (q, k, v, gk, gv))
+        out, lse = _forward(q, k, v, gk, gv, plan)
+        ctx.save_for_backward(q, k, v, gk, gv, out, lse)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, _d_lse):  # type: ignore[override]
+        q, k, v, gk, gv, out, lse = ctx.saved_tensors
+        grads = _backward(q, k, v, gk, gv, out, lse, d_out.contiguous(), ctx.plan)
+        return (*grads, None)
+
+
+def block_sparse_attention(q, k, v, gk, gv, plan: KernelPlan):
+    """Attention of every query of q [B, H, nq*b, D] over its table blocks of the key buffer
+    k / v [B, H, nk*b, D] and the global keys gk / gv [B, H, G, D], one softmax over both.
+    Returns (out [B, H, nq*b, D], lse [B, H, nq*b]); differentiable in q, k, v, gk, gv."""
+    return _BlockSparseAttention.apply(q, k, v, gk, gv, plan)
+
+
+def global_query_attention(q_glob, k, v, g_pos, k_pos, key_valid, causal: bool, need_lse=True):
+    """Global queries q_glob [B, H, G, D] at positions g_pos [1 or B, G] over every key of
+    k / v [B, H, Nk, D] at positions k_pos [Nk]; key_valid [1 or B, Nk] or None.
+    Returns (out, lse) so that partial results over key shards merge exactly; with
+    need_lse=False lse is None and the fused SDPA kernel does the work."""
+    allowed = None
+    if key_valid is not None:
+        allowed = key_valid[:, None, None, :]
+    if causal:
+        ordered = k_pos.view(1, 1, 1, -1) <= g_pos[:, None, :, None]
+        allowed = ordered if allowed is None else allowed & ordered
+    if not need_lse and (allowed is None or bool(allowed.any(-1).all())):
+        # SDPA's convention for a row with no allowed key differs; such rows take the path below.
+        return F.scaled_dot_product_attention(q_glob, k, v, attn_mask=allowed), None
+    scale = 1.0 / math.sqrt(q_glob.shape[-1])
+    s = (q_glob * scale) @ k.transpose(-1, -2)  # [B, H, G, Nk]
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - _safe(lse).unsqueeze(-1))
+    return p @ v, lse
+
+
+def count_allowed_pairs(cfg: SparsityConfig, seq_len: int, n_heads: int, layer: int, step: int):
+    """Exact number of attended (query, key) pairs over all heads, in O(seq) memory."""
+    cfg.validate_seq_len(seq_len)
+    table = build_block_table(cfg, seq_len, n_heads, layer, step)
+    glob = gather_global_positions(cfg, seq_len, None, 1)
+    pos = torch.arange(seq_len)
+    plan = make_plan(
+        table,
+        pos,
+        pos,
+        glob.is_global,
+        glob.positions,
+        glob.valid,
+        cfg.causal,
+        cfg.block_size,
+        1,
+    )
+    per_row = (~plan.static_blocked).flatten(1, 2).sum(-1)
+    per_row = per_row + (~plan.global_blocked).flatten(1, 2).sum(-1)
+    per_row = per_row.expand(n_heads, -1) if per_row.shape[0] == 1 else per_row
+    is_global = glob.is_global[0]
+    full = (pos + 1) if cfg.causal else torch.full_like(pos, seq_len)
+    per_row = torch.where(is_global.view(1, -1), full.view(1, -1), per_row)
+    return int(per_row.sum())

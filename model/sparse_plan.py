@@ -1,0 +1,116 @@
+"""Which key blocks each query block reads: the block table the sparse kernel executes.
+
+The table indexes a *key buffer*. On one device the buffer is the sequence itself; under
+context parallelism (parallel/context_parallel.py) it is [halo-left | local | halo-right |
+random blocks] and `key_block_slot` maps a global block id to its place in that buffer.
+Global keys never enter the table: they are masked out of it and attended through a separate
+global key set, which is how a key reachable by two rules counts once.
+
+Legend: Hx = 1 or heads (per-head only with per-head dilation or random draws), nq = query
+blocks, M = table entries per query block (window span, then random blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from model.sparse import SparsityConfig
+
+
+@dataclass
+class BlockTable:
+    index: torch.Tensor
+    """long [Hx, nq, M]: key-buffer block of each entry (0 where invalid)."""
+    valid: torch.Tensor
+    """bool [Hx, nq, M]: the entry is part of the pattern for this head."""
+    dilation: torch.Tensor
+    """long [Hx, 1, M]: a key of the entry is allowed iff (k_pos - q_pos) % dilation == 0
+    (the window's dilation; 1 for random entries)."""
+
+
+@dataclass
+class GlobalSet:
+    positions: torch.Tensor
+    """long [1 or batch, G]: global token positions (padded slots repeat a valid position)."""
+    valid: torch.Tensor
+    """bool [1 or batch, G]: the slot holds a real global token."""
+    is_global: torch.Tensor
+    """bool [1 or batch, seq]: token flags."""
+
+
+def window_offsets(cfg: SparsityConfig) -> torch.Tensor:
+    d = cfg.max_dilation
+    return torch.arange(-cfg.left_blocks * d, cfg.right_blocks * d + 1)
+
+
+def build_block_table(
+    cfg: SparsityConfig,
+    seq_len: int,
+    n_heads: int,
+    layer: int = 0,
+    step: int = 0,
+    q_blocks: torch.Tensor | None = None,
+    key_block_slot: torch.Tensor | None = None,
+) -> BlockTable:
+    """Table for the query blocks `q_blocks` (global ids; default all) of a `seq_len` sequence.
+
+    key_block_slot: long [n_blocks], the buffer slot of each global key block (-1 = absent).
+    """
+    n_blocks = seq_len // cfg.block_size
+    if q_blocks is None:
+        q_blocks = torch.arange(n_blocks)
+    dilations = torch.tensor(cfg.head_dilations(n_heads))
+    per_head = bool((dilations != dilations[0]).any()) or cfg.random_per_head
+    heads = n_heads if per_head else 1
+    head_dil = dilations[:heads].view(heads, 1, 1)
+
+    offsets = window_offsets(cfg).view(1, 1, -1)
+    win_blocks = q_blocks.view(1, -1, 1) + offsets  # [1, nq, S]
+    in_reach = (offsets >= -cfg.left_blocks * head_dil) & (offsets <= cfg.right_blocks * head_dil)
+    win_valid = in_reach & (win_blocks >= 0) & (win_blocks < n_blocks)  # [Hx, nq, S]
+    win_blocks = win_blocks.expand(heads, -1, -1)
+
+    rand = cfg.random_table(seq_len, n_heads, layer, step)[:, q_blocks]  # [1 or H, nq, r]
+    rand = rand.expand(heads, -1, -1)
+    rand_valid = rand >= 0
+
+    blocks = torch.cat([win_blocks, rand], dim=2)
+    valid = torch.cat([win_valid, rand_valid], dim=2)
+    blocks = blocks.clamp(0, n_blocks - 1)
+    if key_block_slot is not None:
+        slots = key_block_slot[blocks]
+        if bool((valid & (slots < 0)).any()):
+            raise RuntimeError("a pattern key block is missing from the key buffer")
+        blocks = slots.clamp(min=0)
+    n_win, n_rand = win_blocks.shape[2], rand.shape[2]
+    dil = torch.cat(
+        [
+            dilations[:heads].view(heads, 1, 1).expand(heads, 1, n_win),
+            torch.ones(heads, 1, n_rand, dtype=torch.long),
+        ],
+        dim=2,
+    )
+    return BlockTable(index=blocks.contiguous(), valid=valid.contiguous(), dilation=dil)
+
+
+def gather_global_positions(
+    cfg: SparsityConfig, seq_len: int, global_mask: torch.Tensor | None, batch: int
+) -> GlobalSet:
+    """The global tokens: the config's, plus a per-sample `global_mask` [batch, seq]."""
+    flags = torch.zeros(1, seq_len, dtype=torch.bool)
+    flags[0, cfg.global_positions(seq_len)] = True
+    if global_mask is not None:
+        flags = flags | global_mask.bool().cpu()
+    counts = flags.sum(dim=1)
+    width = int(counts.max())
+    # Stable sort puts the True positions first, in order; slots past a sample's count are
+    # padding and repeat its first global position (or 0) so every index stays in range.
+    order = torch.sort((~flags).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width).view(1, -1) < counts.view(-1, 1)
+    first = torch.where(counts > 0, order[:, 0] if width else 0, 0).view(-1, 1)
+    positions = torch.where(valid, order, first) if width else order
+    return GlobalSet(positions=positions, valid=valid, is_global=flags)
