@@ -35,7 +35,7 @@ import torch
 from model.sparse_kernel import block_sparse_attention, global_query_attention, make_plan
 from model.sparse_plan import build_block_table, gather_global_positions
 
-__all__ = ["SparsityConfig", "sparse_attention", "dense_attention"]
+__all__ = ["SparsityConfig", "sparse_attention", "dense_attention", "reference_attention"]
 
 
 def _as_int_tuple(value: object, name: str) -> tuple[int, ...] | None:
@@ -304,6 +304,26 @@ def dense_attention(
     return probs @ v
 
 
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: SparsityConfig,
+    layer: int = 0,
+    step: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    global_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle: dense attention over `cfg.dense_mask` (and the padding), O(seq^2)."""
+    mask = cfg.dense_mask(
+        q.shape[2], layer=layer, step=step, global_mask=global_mask, n_heads=q.shape[1]
+    )
+    if padding_mask is not None:
+        mask = mask if mask.dim() == 4 else mask.unsqueeze(0)
+        mask = mask & ~padding_mask.bool()[:, None, None, :]
+    return dense_attention(q, k, v, mask)
+
+
 def _check_inputs(q, k, v, padding_mask, global_mask) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -326,16 +346,20 @@ def sparse_attention(
     step: int = 0,
     padding_mask: torch.Tensor | None = None,
     global_mask: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Exact block-sparse attention on one device; memory and time linear in seq.
 
     q, k, v: [batch, heads, seq, head_dim]. padding_mask: [batch, seq] bool, True = padded
     key (never attended). global_mask: [batch, seq] bool, True = global token of that sample.
+    backend: "auto" (FlexAttention on CUDA, the blocked kernel elsewhere), "flex" or "blocked".
     """
+    if backend not in ("auto", "flex", "blocked"):
+        raise ValueError(f"backend={backend!r} must be 'auto', 'flex' or 'blocked'")
     _check_inputs(q, k, v, padding_mask, global_mask)
     batch, n_heads, seq_len, _ = q.shape
     cfg.validate_seq_len(seq_len)
-    if q.is_cuda:
+    if backend == "flex" or (backend == "auto" and q.is_cuda):
         from model.sparse_flex import flex_sparse_attention
 
         return flex_sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask)

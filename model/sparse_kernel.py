@@ -42,6 +42,22 @@ class KernelPlan:
     block: int
     scale: float
 
+    def to(self, device: torch.device | str) -> KernelPlan:
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        table = BlockTable(
+            move(self.table.index), move(self.table.valid), move(self.table.dilation)
+        )
+        return KernelPlan(
+            table,
+            move(self.static_blocked),
+            move(self.sample_blocked),
+            move(self.global_blocked),
+            self.block,
+            self.scale,
+        )
+
 
 def make_plan(
     table: BlockTable,
@@ -92,7 +108,7 @@ def _gather_blocks(x_blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if hx == 1:
         out = x_blocks.index_select(2, index.flatten())
     else:
-        offsets = (torch.arange(heads) * nk).view(heads, 1, 1)
+        offsets = (torch.arange(heads, device=index.device) * nk).view(heads, 1, 1)
         flat = x_blocks.reshape(batch, heads * nk, b, dim)
         out = flat.index_select(1, (index + offsets).flatten())
     return out.view(batch, heads, c, m * b, dim)
@@ -105,7 +121,7 @@ def _scatter_blocks(grad_blocks: torch.Tensor, index: torch.Tensor, values: torc
     if hx == 1:
         grad_blocks.index_add_(2, index.flatten(), values.reshape(batch, heads, c * m, b, dim))
     else:
-        offsets = (torch.arange(heads) * nk).view(heads, 1, 1)
+        offsets = (torch.arange(heads, device=index.device) * nk).view(heads, 1, 1)
         flat = grad_blocks.view(batch, heads * nk, b, dim)
         rows = values.reshape(batch, heads * c * m, b, dim)
         flat.index_add_(1, (index + offsets).flatten(), rows)
@@ -240,9 +256,9 @@ def global_query_attention(q_glob, k, v, g_pos, k_pos, key_valid, causal: bool, 
     need_lse=False lse is None and the fused SDPA kernel does the work."""
     allowed = None
     if key_valid is not None:
-        allowed = key_valid[:, None, None, :]
+        allowed = key_valid.to(k.device)[:, None, None, :]
     if causal:
-        ordered = k_pos.view(1, 1, 1, -1) <= g_pos[:, None, :, None]
+        ordered = k_pos.to(k.device).view(1, 1, 1, -1) <= g_pos.to(k.device)[:, None, :, None]
         allowed = ordered if allowed is None else allowed & ordered
     if not need_lse and (allowed is None or bool(allowed.any(-1).all())):
         # SDPA's convention for a row with no allowed key differs; such rows take the path below.

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.sparse import SparsityConfig, dense_attention, sparse_attention
+from model.sparse import SparsityConfig, reference_attention, sparse_attention
 
 PATTERNS = {
     "window": dict(window_blocks=3, global_blocks=0, random_blocks=0),
@@ -25,15 +25,6 @@ PATTERNS = {
         window_blocks=3, global_blocks=1, random_blocks=2, random_per_head=True
     ),
 }
-
-
-def reference(q, k, v, cfg, layer, step, padding_mask=None, global_mask=None):
-    mask = cfg.dense_mask(
-        q.shape[2], layer=layer, step=step, global_mask=global_mask, n_heads=q.shape[1]
-    )
-    if padding_mask is not None:
-        mask = (mask if mask.dim() == 4 else mask.unsqueeze(0)) & ~padding_mask[:, None, None, :]
-    return dense_attention(q, k, v, mask)
 
 
 def max_errors(
@@ -66,7 +57,7 @@ def max_errors(
     out = sparse_attention(
         q, k, v, cfg, layer=layer, step=step, padding_mask=padding_mask, global_mask=global_mask
     )
-    ref = reference(q, k, v, cfg, layer, step, padding_mask, global_mask)
+    ref = reference_attention(q, k, v, cfg, layer, step, padding_mask, global_mask)
     upstream = torch.randn(out.shape, generator=gen, dtype=dtype)
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     ref_grads = torch.autograd.grad(ref, (q, k, v), upstream)
