@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from model.sparse import SparsityConfig
 
 # Score elements per chunk: large enough for efficient batched matmuls, small enough to stay
-# in cache-friendly, bounded memory (16 MiB of fp32 scores).
-_CHUNK_SCORES = 1 << 22
+# in cache-friendly, bounded memory (4 MiB of fp32 scores).
+_CHUNK_SCORES = 1 << 20
 
 
 @dataclass
