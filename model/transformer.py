@@ -1,0 +1,245 @@
+"""Pre-norm decoder language model whose attention is an injected (block-sparse) function.
+
+    from model.sparse import SparsityConfig, sparse_attention
+    from model.transformer import ModelArgs, Transformer, lm_loss
+    model = Transformer(ModelArgs(), SparsityConfig(causal=True), attention_fn=sparse_attention)
+    logits = model(tokens_bn, position_ids_bn, step=0)          # [b, n, vocab]
+    loss_sum, n_tokens = lm_loss(logits, labels_bn, loss_mask_bn)
+
+Each block is x + attn(norm(x)), then x + mlp(norm(x)). The attention layer computes q, k, v
+as [b, h, n, d], rotates q and k with RoPE at `position_ids` (global positions, so a
+context-parallel rank passes its own slice of positions) and calls
+`attention_fn(q, k, v, attn_cfg, layer=i, step=step, padding_mask=...)`: single-device
+`sparse_attention` here, the context-parallel exchange in issue 4. Shapes: b batch, n tokens,
+h heads, d head dim, v vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.layers import MLP, Linears, LocalLinears, RMSNorm
+from model.rope import apply_rope
+from model.sparse import SparsityConfig
+
+__all__ = ["ModelArgs", "Transformer", "lm_loss", "AttentionFn"]
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ModelArgs:
+    """Shape and initialisation of the transformer."""
+
+    vocab_size: int = 4096
+    """Embedding rows; must be >= the tokenizer's vocabulary (checked against the manifest)."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; must divide d_model, and d_model / n_heads must be even (RoPE)."""
+    ffn_hidden: int | None = None
+    """Hidden width of the MLP; None picks 4*d_model for gelu and ~8/3*d_model (a multiple of
+    32) for swiglu, which keeps the parameter count equal."""
+    mlp: str = "swiglu"
+    """Feed-forward kind: "swiglu" or "gelu"."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base; larger values suit longer contexts."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"model.d_model={self.d_model} / model.n_heads={self.n_heads} = "
+                f"{self.d_model // self.n_heads} must be even for rotary embeddings"
+            )
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ValueError(f"model.ffn_hidden={self.ffn_hidden!r} must be positive or null")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"model.mlp={self.mlp!r} must be 'swiglu' or 'gelu'")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 32 * -(-(8 * self.d_model) // (3 * 32))
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        args: ModelArgs,
+        attn_cfg: SparsityConfig,
+        attention_fn: AttentionFn,
+        layer: int,
+        linears: Linears,
+    ) -> None:
+        super().__init__()
+        if args.n_heads % linears.tp_size:
+            raise ValueError(
+                f"model.n_heads={args.n_heads} must be divisible by the tensor-parallel size "
+                f"{linears.tp_size}"
+            )
+        self.local_heads = args.n_heads // linears.tp_size
+        self.head_dim = args.head_dim
+        self.rope_theta = args.rope_theta
+        self.attn_cfg = attn_cfg
+        self.attention_fn = attention_fn
+        self.layer = layer
+        self.qkv = linears.column(args.d_model, 3 * args.d_model)
+        self.out = linears.row(args.d_model, args.d_model)
+
+    def forward(
+        self,
+        x_bnc: torch.Tensor,
+        position_ids_bn: torch.Tensor,
+        step: int,
+        padding_mask_bn: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, n, _ = x_bnc.shape
+        qkv = self.qkv(x_bnc).view(b, n, 3, self.local_heads, self.head_dim)
+        q_bhnd, k_bhnd, v_bhnd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
+        k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)
+        o_bhnd = self.attention_fn(
+            q_bhnd,
+            k_bhnd,
+            v_bhnd,
+            self.attn_cfg,
+            layer=self.layer,
+            step=step,
+            padding_mask=padding_mask_bn,
+        )
+        return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        args: ModelArgs,
+        attn_cfg: SparsityConfig,
+        attention_fn: AttentionFn,
+        layer: int,
+        linears: Linears,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.attn = Attention(args, attn_cfg, attention_fn, layer, linears)
+        self.mlp_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.mlp = MLP(args.d_model, args.hidden, args.mlp, linears)
+
+    def forward(self, x, position_ids, step, padding_mask):
+        x = x + self.attn(self.attn_norm(x), position_ids, step, padding_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token embedding, `n_layers` pre-norm blocks, final norm, LM head (optionally tied).
+
+    `seed` makes the initialisation a pure function of (args, seed), independent of the global
+    RNG and of what was constructed before.
+    """
+
+    # Projections that write into the residual stream get the depth-scaled init.
+    _residual_outputs = ("attn.out.weight", "mlp.down.weight")
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        attn_cfg: SparsityConfig,
+        attention_fn: AttentionFn | None = None,
+        linears: Linears | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if attention_fn is None:
+            from model.sparse import sparse_attention
+
+            attention_fn = sparse_attention
+        linears = linears or LocalLinears()
+        self.args = args
+        self.attn_cfg = attn_cfg
+        self.embed = linears.embedding(args.vocab_size, args.d_model)
+        self.blocks = nn.ModuleList(
+            Block(args, attn_cfg, attention_fn, i, linears) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.d_model, args.norm_eps)
+        self.lm_head = linears.column(args.d_model, args.vocab_size)
+        self.init_weights(seed)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        residual_std = self.args.init_std / (2 * self.args.n_layers) ** 0.5
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            std = residual_std if name.endswith(self._residual_outputs) else self.args.init_std
+            # Drawn on CPU so the values do not depend on the device the model lives on.
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+    def forward(
+        self,
+        tokens_bn: torch.Tensor,
+        position_ids_bn: torch.Tensor | None = None,
+        step: int = 0,
+        padding_mask_bn: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [b, n, vocab] in float32. `step` seeds the random-block draw of this step;
+        `padding_mask_bn` (True = padded key) keeps padded tokens out of every attention."""
+        if position_ids_bn is None:
+            position_ids_bn = torch.arange(tokens_bn.shape[1], device=tokens_bn.device)
+            position_ids_bn = position_ids_bn.expand_as(tokens_bn)
+        x = self.embed(tokens_bn)
+        for block in self.blocks:
+            x = block(x, position_ids_bn, step, padding_mask_bn)
+        return self.lm_head(self.norm(x)).float()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(
+    logits_bnv: torch.Tensor, labels_bn: torch.Tensor, loss_mask_bn: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy over unmasked tokens, and their count.
+
+    Returned as a (sum, count) pair rather than a mean so that micro-batches, data-parallel and
+    context-parallel ranks can add both and divide once: a token-weighted mean.
+    """
+    mask = loss_mask_bn.flatten().float()
+    # Masked labels may hold anything (e.g. -1); give them a valid class so CE does not fail.
+    labels = labels_bn.flatten().masked_fill(mask == 0, 0)
+    losses = F.cross_entropy(logits_bnv.float().flatten(0, 1), labels, reduction="none")
+    return (losses * mask).sum(), mask.sum()
