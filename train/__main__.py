@@ -1,0 +1,49 @@
+"""Train a language model from a YAML recipe.
+
+    python -m data.prepare --out artifacts/data/stdlib --vocab-size 4096
+    python -m train --config configs/demo.yaml [--resume] [section.key=value ...]
+
+Overrides use dotted keys, e.g. `train.steps=50 attention.window_blocks=5`. `--resume`
+continues from the newest complete checkpoint in the run's checkpoint directory (or starts
+fresh when there is none). The resolved config is written to `<train.run_dir>/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from train.config import load_config
+from train.loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML recipe (defaults apply when omitted)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(
+        f"done: steps {result.steps} (this run {result.steps - result.start_step}), "
+        f"tokens {result.tokens:,}, {result.seconds:.1f} s | train loss first10 "
+        f"{result.mean_loss(first=True):.4f} -> last10 {result.mean_loss(first=False):.4f} | "
+        f"val loss {val} | run dir {result.run_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The training loop: build the run, then step, log, validate and checkpoint.
+
+    from train.config import load_config
+    from train.loop import train
+    result = train(load_config("configs/demo.yaml", ["train.steps=20"]), resume=False)
+
+Usually started through `python -m train --config configs/demo.yaml [--resume]`. The loop only
+orchestrates; the math lives in the model and the engine, the data in the stream, the files in
+the checkpoint manager and the metrics logger. Step numbers are 1-based in logs, checkpoints and
+wandb (step N = N optimizer updates done); the random-block draw of update N uses step N - 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from data.loader import build_train_stream, build_val_batches
+from data.prepare import read_manifest
+from model.sparse import sparse_attention
+from model.transformer import Transformer
+from train.checkpoint import CheckpointManager
+from train.config import Config, config_to_dict, save_config
+from train.engine import LocalEngine
+from train.evaluate import evaluate
+from train.metrics import MetricsLogger
+
+__all__ = ["train", "TrainResult", "seed_everything", "check_data"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run did; losses cover the whole run, resumed parts included."""
+
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every step so far (index i = step i + 1)."""
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation loss) of every evaluation."""
+    start_step: int = 0
+    """Steps already done when this process started (the resumed checkpoint's step)."""
+    steps: int = 0
+    """Steps done at the end."""
+    tokens: int = 0
+    """Loss-carrying tokens trained on over the whole run."""
+    seconds: float = 0.0
+    """Wall time of this process's training (setup included)."""
+    wandb_dir: str | None = None
+    run_dir: str = ""
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.val_history[-1][1] if self.val_history else None
+
+    def mean_loss(self, first: bool, n: int = 10) -> float:
+        window = self.losses[:n] if first else self.losses[-n:]
+        return sum(window) / len(window) if window else float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _refuse_multi_rank(cfg: Config) -> None:
+    for name in ("tp", "pp", "cp", "dp"):
+        degree = getattr(cfg.parallel, name)
+        if degree is not None and degree > 1:
+            raise ValueError(
+                f"parallel.{name}={degree}: this trainer runs a single process; multi-rank "
+                "training (tp/pp/cp/dp > 1) comes with the parallel layout"
+            )
+
+
+def check_data(cfg: Config) -> dict[str, Any]:
+    """The prepared data's manifest, after checking its tokenizer fits model.vocab_size."""
+    path = Path(cfg.data.path)
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"no prepared data in {path} (manifest.json is missing); prepare it first with:\n"
+            f"    python -m data.prepare --out {path} --vocab-size {cfg.model.vocab_size}"
+        )
+    manifest = read_manifest(path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"of {vocab} ({path}/manifest.json); set model.vocab_size={vocab} or re-prepare "
+            f"the data with --vocab-size {cfg.model.vocab_size}"
+        )
+    return manifest
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def train(cfg: Config, resume: bool = False) -> TrainResult:
+    """Run (or continue, with `resume`) the training described by `cfg`."""
+    t0 = time.perf_counter()
+    targs = cfg.train
+    _refuse_multi_rank(cfg)
+    manifest = check_data(cfg)
+    run_dir = Path(targs.run_dir)
+    config_dict = config_to_dict(cfg)
+    ckpt = CheckpointManager(cfg.checkpoint, run_dir)
+    if not resume and ckpt.complete_steps():
+        raise ValueError(
+            f"{ckpt.dir} already holds checkpoints (newest step {ckpt.complete_steps()[-1]}); "
+            "pass --resume to continue that run, or choose another train.run_dir"
+        )
+
+    seed_everything(targs.seed)
+    device = _device(targs.device)
+    model = Transformer(cfg.model, cfg.attention, attention_fn=sparse_attention, seed=targs.seed)
+    engine = LocalEngine(model, cfg.optim, cfg.schedule, targs.steps, device)
+    stream = build_train_stream(
+        cfg.data, targs.seq_len, targs.micro_batch_size, dp_rank=0, dp_size=1, seed=targs.seed
+    )
+    val_batches = build_val_batches(
+        cfg.data, targs.seq_len, targs.micro_batch_size, targs.eval_batches
+    )
+    result = TrainResult(run_dir=str(run_dir))
+    resume_id = None
+    state = ckpt.load_latest(config_dict) if resume else None
+    if state is not None:
+        if state["tokenizer_sha256"] != manifest["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"the checkpoint in {ckpt.dir} was trained with another tokenizer (sha256 "
+                f"{state['tokenizer_sha256'][:12]}...) than {cfg.data.path} holds "
+                f"({manifest['tokenizer']['sha256'][:12]}...); resume with the data it was "
+                "trained on"
+            )
+        engine.load_state_dict(state["engine"])
+        stream.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        resume_id = state["wandb_run_id"]
+        result.start_step = result.steps = state["step"]
+        result.losses = list(state["losses"])
+        result.val_history = [tuple(v) for v in state["val_history"]]  # type: ignore[misc]
+        result.tokens = state["tokens"]
+        log.info("resuming from step %d of %d", result.steps, targs.steps)
+    elif resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", ckpt.dir)
+    save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsLogger(cfg.logging, run_dir, config_dict, resume_id=resume_id)
+    result.wandb_dir = metrics.run_dir
+    log.info(
+        "model %.2fM parameters on %s; data %s (%s train tokens, vocab %d)",
+        model.num_params() / 1e6,
+        device,
+        cfg.data.path,
+        f"{manifest['splits']['train']['tokens']:,}",
+        manifest["tokenizer"]["vocab_size"],
+    )
+
+    def save() -> None:
+        payload = {
+            "engine": engine.state_dict(),
+            "data": stream.state_dict(),
+            "rng": _rng_state(),
+            "wandb_run_id": metrics.run_id,
+            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+            "losses": result.losses,
+            "val_history": result.val_history,
+            "tokens": result.tokens,
+        }
+        ckpt.save(result.steps, payload, config_dict)
+
+    def validate() -> None:
+        val_loss = evaluate(engine, val_batches)
+        result.val_history.append((result.steps, val_loss))
+        metrics.log(result.steps, {"val/loss": val_loss})
+
+    batches = iter(stream)
+    window_t, window_tokens = time.perf_counter(), 0
+    bar = tqdm(
+        total=targs.steps,
+        initial=result.steps,
+        desc="train",
+        unit="step",
+        disable=not cfg.logging.progress_bar,
+        dynamic_ncols=True,
+    )
+    try:
+        with logging_redirect_tqdm():
+            while result.steps < targs.steps:
+                micro_batches = [next(batches) for _ in range(targs.grad_accum)]
+                stats = engine.train_step(micro_batches, step=result.steps)
+                result.steps += 1
+                result.losses.append(stats.loss)
+                result.tokens += stats.n_tokens
+                window_tokens += stats.n_tokens
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.3f}")
+                step = result.steps
+                if step % cfg.logging.log_every == 0 or step == 1 or step == targs.steps:
+                    now = time.perf_counter()
+                    metrics.log(
+                        step,
+                        {
+                            "train/loss": stats.loss,
+                            "train/lr": stats.lr,
+                            "train/grad_norm": stats.grad_norm,
+                            "train/tokens_per_s": window_tokens / max(now - window_t, 1e-9),
+                        },
+                    )
+                    window_t, window_tokens = now, 0
+                if targs.eval_every and step % targs.eval_every == 0 and step < targs.steps:
+                    validate()
+                if ckpt.should_save(step) and step < targs.steps:
+                    save()
+            validate()
+            if result.start_step < result.steps or not ckpt.complete_steps():
+                save()
+        result.seconds = time.perf_counter() - t0
+        metrics.summary(
+            {
+                "final/val_loss": result.val_loss,
+                "final/train_loss_last10": result.mean_loss(first=False),
+                "final/steps": result.steps,
+                "final/tokens": result.tokens,
+            }
+        )
+    finally:
+        bar.close()
+        metrics.finish()
+    return result

@@ -1,0 +1,128 @@
+"""Training metrics to the console (logging) and to Weights & Biases.
+
+    metrics = MetricsLogger(LoggingArgs(), run_dir="runs/demo", config=config_dict)
+    metrics.log(step, {"train/loss": 7.1, "train/lr": 3e-3})
+    metrics.finish()
+
+wandb runs offline unless a key is present (`wandb_mode: auto`), writing
+`<run_dir>/wandb/offline-run-*/` (sync it later with `wandb sync`). The run id is kept in
+checkpoints so that a resumed training continues the same wandb run. Only the process of
+global rank 0 should create a MetricsLogger (multi-rank runs arrive with issue 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LoggingArgs", "MetricsLogger", "resolve_wandb_mode"]
+
+log = logging.getLogger(__name__)
+
+_WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class LoggingArgs:
+    """Console and wandb logging."""
+
+    log_every: int = 10
+    """Log training metrics every this many steps (and at the first and last step)."""
+    wandb_mode: str = "auto"
+    """auto (online when WANDB_API_KEY is set, else offline; WANDB_MODE in the environment
+    wins), online, offline or disabled."""
+    project: str = "halotron"
+    """wandb project."""
+    group: str | None = None
+    """wandb group (e.g. one per sweep or layout comparison)."""
+    run_name: str | None = None
+    """wandb run name; null lets wandb choose one."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar with ETA on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"logging.log_every={self.log_every!r} must be a positive integer")
+        if self.wandb_mode not in _WANDB_MODES:
+            raise ValueError(
+                f"logging.wandb_mode={self.wandb_mode!r} must be one of {', '.join(_WANDB_MODES)}"
+            )
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """The mode wandb will run in: an explicit setting, else WANDB_MODE, else by the key."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """Console lines through `logging` and a wandb run (created at construction)."""
+
+    def __init__(
+        self,
+        args: LoggingArgs,
+        run_dir: str | os.PathLike,
+        config: dict[str, Any],
+        resume_id: str | None = None,
+    ) -> None:
+        self.args = args
+        self.mode = resolve_wandb_mode(args.wandb_mode)
+        self.run: Any = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=args.project,
+            group=args.group,
+            name=args.run_name,
+            dir=str(run_dir),
+            config=config,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            mode=self.mode,  # type: ignore[arg-type]
+            # console="off": the trainer's own logging is the console record; wandb's stdout
+            # wrapping would duplicate it and fights with pytest's capture.
+            settings=wandb.Settings(console="off", quiet=True),
+        )
+        log.info("wandb %s run %s in %s", self.mode, self.run.id, self.run.dir)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    @property
+    def run_dir(self) -> str | None:
+        return self.run.dir if self.run is not None else None
+
+    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+        if console:
+            log.info("step %d | %s", step, " | ".join(_fmt(k, v) for k, v in metrics.items()))
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _fmt(key: str, value: float) -> str:
+    name = key.split("/")[-1]
+    if name == "lr":
+        return f"{name} {value:.2e}"
+    if name.endswith("tokens_per_s"):
+        return f"{name} {value:,.0f}"
+    return f"{name} {value:.4f}"
