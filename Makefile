@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/python -m data.prepare --out $(DATA_DIR) --vocab-size 4096
-	$(BIN)/python -m train --config configs/demo.yaml
+	$(BIN)/python -m train --config configs/demo.yaml --resume
 
 lint: setup
 	$(BIN)/ruff check .
