@@ -1,0 +1,201 @@
+"""Sequence-parallel (context-parallel) block-sparse attention, exact against one device.
+
+    from parallel.context_parallel import cp_sparse_attention
+    out_local = cp_sparse_attention(q_local, k_local, v_local, cfg, group, layer=0, step=0,
+                                    padding_mask=None, global_mask=None, traffic=None)
+
+Rank r of the cp group holds the contiguous tokens [r*n, (r+1)*n) of q, k, v
+([batch, heads, n, head_dim], n = seq / P, a multiple of the block size); padding_mask and
+global_mask are the FULL [batch, seq] masks, the same on every rank. The result is this rank's
+slice of `sparse_attention` on the whole sequence, forward and backward. Check it with
+`python -m parallel.verify --config configs/X.yaml --cp 4`; the algorithm and its traffic are
+in docs/context_parallel.md:
+
+1. global rows (q, k, v of the global tokens) -> all-reduce of zero-filled contributions;
+2. random key blocks outside the window reach -> one all-to-all(-v);
+3. window halo -> non-blocking P2P; the interior query blocks (and the global queries' partial
+   softmax over the local keys) are computed while it travels, then the boundary blocks;
+4. global queries: per-rank partials merged exactly by log-sum-exp (one all-reduce), the owner
+   writes the rows.
+Legend: B batch, H heads, n local tokens, D head dim, G global slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from model.sparse import SparsityConfig
+from model.sparse_kernel import block_sparse_attention, make_plan
+from model.sparse_plan import GlobalSet, gather_global_positions
+from parallel.cp_check import check_call, describe, local_problem
+from parallel.cp_comm import (
+    CPComm,
+    all_reduce_sum,
+    attach_token,
+    halo_exchange,
+    random_exchange,
+)
+from parallel.cp_plan import RankPlan, rank_plan
+from parallel.traffic import TrafficCounter, all_reduce_bytes
+
+__all__ = ["cp_sparse_attention"]
+
+
+def cp_sparse_attention(
+    q_local: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    cfg: SparsityConfig,
+    group: dist.ProcessGroup | None = None,
+    layer: int = 0,
+    step: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    global_mask: torch.Tensor | None = None,
+    traffic: TrafficCounter | None = None,
+) -> torch.Tensor:
+    """This rank's slice [B, H, n, D] of exact sparse attention over the whole sequence.
+
+    group: the cp process group (None = WORLD; without torch.distributed initialised, one
+    rank). Raises ValueError on every rank (not a hang) for impossible or mismatched arguments.
+    """
+    comm = CPComm.create(group, traffic, layer)
+    problem = local_problem(q_local, k_local, v_local, cfg, comm.world, padding_mask, global_mask)
+    check_call(comm, problem, describe(q_local, cfg, comm.world, padding_mask, global_mask))
+    batch, heads, n_local, dim = q_local.shape
+    seq_len = n_local * comm.world
+    plan = rank_plan(cfg, seq_len, comm.world, comm.rank, heads, layer, step)
+    glob = gather_global_positions(cfg, seq_len, global_mask, batch)
+    key_valid = None if padding_mask is None else ~padding_mask.bool().cpu()
+    skip = glob.is_global if key_valid is None else glob.is_global | ~key_valid  # [1|B, N]
+    g_valid = glob.valid
+    if key_valid is not None:
+        g_valid = g_valid & key_valid.gather(1, glob.positions.expand(batch, -1))
+    lo = comm.rank * n_local
+    n_glob = glob.positions.shape[-1]
+    token = None
+
+    if n_glob:
+        rows = _owned_rows(torch.stack([q_local, k_local, v_local]), glob, lo, n_local)
+        rows, token = all_reduce_sum(comm, "global", token, rows)
+        q_glob, gk, gv = rows.unbind(0)
+    else:
+        gk = gv = k_local.new_zeros(batch, heads, 0, dim)
+    if plan.random_in_group:
+        rk, rv, token = random_exchange(comm, plan, cfg.block_size, token, k_local, v_local)
+    else:
+        rk = rv = k_local.new_zeros(batch, heads, 0, dim)
+    wait_halo = None
+    if plan.halo_in_group:
+        wait_halo = halo_exchange(comm, plan, cfg.block_size, token, k_local, v_local)
+
+    def run(q_blocks, table, k_buf, v_buf, k_pos):
+        q_pos = _tokens(q_blocks, cfg.block_size)
+        kplan = make_plan(
+            table, q_pos, k_pos, skip[:, k_pos], glob.positions, g_valid,
+            cfg.causal, cfg.block_size, dim,
+        )  # fmt: skip
+        if q_local.device.type != "cpu":
+            kplan = kplan.to(q_local.device)
+        q_sel = q_local.index_select(2, (q_pos - lo).to(q_local.device))
+        return block_sparse_attention(q_sel, k_buf, v_buf, gk, gv, kplan)[0]
+
+    outs = []
+    if plan.interior.numel():  # overlaps the halo transfer
+        k_buf, v_buf = k_local, v_local
+        if rk.shape[2]:
+            k_buf, v_buf = torch.cat([k_local, rk], dim=2), torch.cat([v_local, rv], dim=2)
+        outs.append(run(plan.interior, plan.table_interior, k_buf, v_buf, plan.kpos_interior))
+    partial = None
+    if n_glob:  # the global queries' softmax over the local keys, also during the transfer
+        k_valid_local = None if key_valid is None else key_valid[:, lo : lo + n_local]
+        partial = _global_partial(q_glob, k_local, v_local, glob, lo, k_valid_local, cfg.causal)
+    kl = vl = kr = vr = k_local.new_zeros(batch, heads, 0, dim)
+    if wait_halo is not None:
+        kl, vl, kr, vr, token = wait_halo()
+    if plan.boundary.numel():
+        near = plan.boundary_local.to(k_local.device)
+        k_buf = torch.cat([kl, k_local.index_select(2, near), kr, rk], dim=2)
+        v_buf = torch.cat([vl, v_local.index_select(2, near), vr, rv], dim=2)
+        outs.append(run(plan.boundary, plan.table_boundary, k_buf, v_buf, plan.kpos_boundary))
+    out = _in_order(outs, plan, cfg.block_size, lo)
+    if n_glob:
+        assert partial is not None
+        merged, token = _merge_partials(comm, token, *partial)
+        out = _place_rows(out, merged, glob, lo, n_local)
+    return attach_token(out, token)
+
+
+def _tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    return (blocks.view(-1, 1) * block + torch.arange(block).view(1, -1)).flatten()
+
+
+def _in_order(outs: list[torch.Tensor], plan: RankPlan, block: int, lo: int) -> torch.Tensor:
+    """Interior then boundary rows, back in sequence order."""
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    if not (plan.interior.numel() and plan.boundary.numel()):
+        return out
+    order = _tokens(torch.cat([plan.interior, plan.boundary]), block) - lo
+    return out.index_select(2, torch.argsort(order).to(out.device))
+
+
+def _owned_rows(x: torch.Tensor, glob: GlobalSet, lo: int, n_local: int) -> torch.Tensor:
+    """x [S, B, H, n, D] -> [S, B, H, G, D]: the global rows this rank owns, zeros elsewhere."""
+    _, batch, heads, _, dim = x.shape
+    pos = glob.positions.expand(batch, -1)
+    owned = ((pos >= lo) & (pos < lo + n_local)).to(x.device)
+    idx = (pos - lo).clamp(0, n_local - 1).to(x.device)[None, :, None, :, None]
+    rows = x.gather(3, idx.expand(x.shape[0], batch, heads, -1, dim))
+    return rows * owned[None, :, None, :, None].to(x.dtype)
+
+
+def _global_partial(q_glob, k, v, glob: GlobalSet, lo: int, key_valid, causal: bool):
+    """Unnormalised softmax of the global queries over this rank's keys, shifted by the local
+    row max m: (m [B, H, G] detached, l = sum exp(s - m), u = exp(s - m) @ v). The shift is a
+    constant of the exact result, so treating it as one keeps the gradients exact (and
+    finite where a rank holds no allowed key)."""
+    n_local = k.shape[2]
+    s = (q_glob * (1.0 / math.sqrt(q_glob.shape[-1]))) @ k.transpose(-1, -2)  # [B, H, G, n]
+    allowed = None
+    if key_valid is not None:
+        allowed = key_valid.to(k.device)[:, None, None, :]
+    if causal:
+        k_pos = torch.arange(lo, lo + n_local).view(1, 1, 1, -1)
+        ordered = (k_pos <= glob.positions[:, None, :, None]).to(k.device)
+        allowed = ordered if allowed is None else allowed & ordered
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -math.inf)
+    m = s.detach().amax(dim=-1)
+    has_key = torch.isfinite(m)
+    e = torch.exp(s - torch.where(has_key, m, 0.0).unsqueeze(-1))
+    return m, has_key, e.sum(-1), e @ v
+
+
+def _merge_partials(comm: CPComm, token, m, has_key, l_sum, u):
+    """Exact log-sum-exp merge of the partials of every rank: out = sum_p e_p u_p / sum_p e_p l_p
+    with e_p = exp(m_p - max_p m_p); replicated on every rank."""
+    m_all = torch.where(has_key, m, -math.inf)
+    if comm.world > 1:
+        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=comm.group)
+        comm.count("global_merge", "forward", all_reduce_bytes(m_all.numel() * 8, comm.world))
+    scale = torch.where(has_key, torch.exp(m - torch.where(has_key, m_all, 0.0)), 0.0)
+    packed = torch.cat([u * scale.unsqueeze(-1), (l_sum * scale).unsqueeze(-1)], dim=-1)
+    packed, token = all_reduce_sum(comm, "global_merge", token, packed)
+    num, den = packed[..., :-1], packed[..., -1:]
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0), token
+
+
+def _place_rows(out, rows, glob: GlobalSet, lo: int, n_local: int) -> torch.Tensor:
+    """Write the merged global query rows this rank owns into its output [B, H, n, D]."""
+    batch, heads, _, dim = out.shape
+    pos = glob.positions.expand(batch, -1)
+    keep = (glob.valid.expand(batch, -1) & (pos >= lo) & (pos < lo + n_local)).to(out.device)
+    local = (pos - lo).clamp(0, n_local - 1).to(out.device)
+    idx = local[:, None, :, None].expand(batch, heads, -1, dim)
+    placed = torch.zeros_like(out).scatter_add(2, idx, rows * keep[:, None, :, None])
+    # Counting hits (not assigning flags) keeps padded slots, which repeat a position, harmless.
+    hits = torch.zeros(batch, n_local, device=out.device)
+    hits.scatter_add_(1, local, keep.to(hits.dtype))
+    return torch.where(hits[:, None, :, None] > 0, placed, out)

@@ -1,0 +1,182 @@
+"""Who holds which key blocks under context parallelism, computed alike on every rank.
+
+Rank r of P holds blocks [r*nl, (r+1)*nl) of the sequence (nl = N / (P * block)). Its key
+buffer is [halo-left | local | halo-right | random]: the window reach on each side (clipped at
+the sequence ends, possibly spanning several ranks) and the random key blocks its queries draw
+outside that range, deduplicated. Everything here is a pure function of (config, sequence
+length, P, heads, layer, step), so every rank knows what every other rank sends and receives
+without asking; that is what keeps the exchanges free of size handshakes.
+
+Used by parallel/context_parallel.py; not a user entry point.
+Legend: nb = blocks in the sequence, nl = blocks per rank, all block ids are global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from model.sparse import SparsityConfig
+from model.sparse_plan import BlockTable, build_block_table
+
+
+@dataclass(frozen=True)
+class HaloPiece:
+    """Blocks [lo, hi) that rank `dst` receives from their owner `src` for its window halo."""
+
+    src: int
+    dst: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class RankPlan:
+    """The static part of one rank's work: buffers, tables and exchange lists."""
+
+    rank: int
+    halo_left: tuple[int, int]
+    """Global blocks [lo, hi) of the left halo (empty when lo == hi)."""
+    halo_right: tuple[int, int]
+    random_blocks: torch.Tensor
+    """long [m]: sorted global ids of the remote random key blocks this rank receives."""
+    random_sources: list[int]
+    """Blocks received from each rank (all-to-all output split sizes)."""
+    random_sends: list[torch.Tensor]
+    """For each rank: long local block ids (sorted) this rank sends it."""
+    random_in_group: bool
+    """Some rank of the group reads a remote random block (the same on every rank: decides
+    whether the all-to-all runs at all)."""
+    halo_recv: list[HaloPiece]
+    halo_send: list[HaloPiece]
+    halo_in_group: bool
+    """Some rank of the group receives a halo (the same on every rank)."""
+    interior: torch.Tensor
+    """long: global ids of the local query blocks computable without the halo."""
+    boundary: torch.Tensor
+    """long: the other local query blocks."""
+    table_interior: BlockTable | None
+    """Table over the buffer [local | random] for the interior blocks."""
+    table_boundary: BlockTable | None
+    """Table over the boundary buffer (below) for the boundary blocks."""
+    kpos_interior: torch.Tensor
+    """long: global token positions of the [local | random] buffer."""
+    kpos_boundary: torch.Tensor
+    """long: global token positions of the boundary buffer [halo-left | the local blocks the
+    boundary blocks read | halo-right | random]."""
+    boundary_local: torch.Tensor
+    """long: local token indices of the local part of the boundary buffer; it holds only the
+    blocks within reach of the edges, so the buffer's size does not grow with n."""
+
+
+def _blocks_to_tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    return (blocks.view(-1, 1) * block + torch.arange(block).view(1, -1)).flatten()
+
+
+def halo_range(cfg: SparsityConfig, n_blocks: int, world: int, rank: int):
+    """((left_lo, left_hi), (right_lo, right_hi)) global blocks of `rank`'s halo."""
+    nl = n_blocks // world
+    d = cfg.max_dilation
+    lo, hi = rank * nl, (rank + 1) * nl
+    left = (max(0, lo - cfg.left_blocks * d), lo)
+    right = (hi, min(n_blocks, hi + cfg.right_blocks * d))
+    return left, right
+
+
+def halo_pieces(cfg: SparsityConfig, n_blocks: int, world: int) -> list[HaloPiece]:
+    """Every (owner -> receiver) halo message of the group, multi-hop ones included."""
+    nl = n_blocks // world
+    pieces = []
+    for dst in range(world):
+        for lo, hi in halo_range(cfg, n_blocks, world, dst):
+            for src in range(world):
+                a, b = max(lo, src * nl), min(hi, (src + 1) * nl)
+                if a < b:
+                    pieces.append(HaloPiece(src, dst, a, b))
+    return pieces
+
+
+def _random_needs(cfg, table, n_blocks, world, rank) -> torch.Tensor:
+    """Sorted unique remote random blocks the query blocks of `rank` read."""
+    nl = n_blocks // world
+    (left_lo, _), (_, right_hi) = halo_range(cfg, n_blocks, world, rank)
+    rows = table[:, rank * nl : (rank + 1) * nl].flatten()
+    rows = rows[rows >= 0]
+    outside = (rows < left_lo) | (rows >= right_hi)
+    return torch.unique(rows[outside])
+
+
+def _slots(n_blocks: int, buffer_blocks: torch.Tensor) -> torch.Tensor:
+    slot = torch.full((n_blocks,), -1, dtype=torch.long)
+    slot[buffer_blocks] = torch.arange(buffer_blocks.numel())
+    return slot
+
+
+@lru_cache(maxsize=64)
+def rank_plan(
+    cfg: SparsityConfig, seq_len: int, world: int, rank: int, n_heads: int, layer: int, step: int
+) -> RankPlan:
+    """The plan of `rank`; cached because a training step calls it once per layer."""
+    b = cfg.block_size
+    n_blocks = seq_len // b
+    nl = n_blocks // world
+    table = cfg.random_table(seq_len, n_heads, layer, step)  # [1 or H, nb, r]
+    needs = [_random_needs(cfg, table, n_blocks, world, r) for r in range(world)]
+    mine = needs[rank]
+    sources = [int(((mine >= s * nl) & (mine < (s + 1) * nl)).sum()) for s in range(world)]
+    sends = []
+    for dst in range(world):
+        theirs = needs[dst]
+        owned = theirs[(theirs >= rank * nl) & (theirs < (rank + 1) * nl)]
+        sends.append(owned - rank * nl)
+    pieces = halo_pieces(cfg, n_blocks, world) if world > 1 else []
+    (l_lo, l_hi), (r_lo, r_hi) = halo_range(cfg, n_blocks, world, rank)
+    local = torch.arange(rank * nl, (rank + 1) * nl)
+
+    # A query block is interior when its window (widest head) and its random blocks avoid the
+    # halo: it can run while the halo is still in flight.
+    d = cfg.max_dilation
+    win_lo = (local - cfg.left_blocks * d).clamp(min=0)
+    win_hi = (local + cfg.right_blocks * d).clamp(max=n_blocks - 1)
+    ok = (win_lo >= rank * nl) & (win_hi < (rank + 1) * nl)
+    rand = table[:, rank * nl : (rank + 1) * nl]  # [Hx, nl, r]
+    in_halo = ((rand >= l_lo) & (rand < l_hi)) | ((rand >= r_lo) & (rand < r_hi))
+    ok &= ~in_halo.any(dim=2).any(dim=0)
+    interior, boundary = local[ok], local[~ok]
+
+    left, right = torch.arange(l_lo, l_hi), torch.arange(r_lo, r_hi)
+    buf_interior = torch.cat([local, mine])
+    reads = build_block_table(cfg, seq_len, n_heads, layer, step, boundary)
+    read = reads.index[reads.valid]
+    read_local = torch.unique(read[(read >= rank * nl) & (read < (rank + 1) * nl)])
+    buf_boundary = torch.cat([left, read_local, right, mine])
+    t_int = t_bnd = None
+    if interior.numel():
+        t_int = build_block_table(
+            cfg, seq_len, n_heads, layer, step, interior, _slots(n_blocks, buf_interior)
+        )
+    if boundary.numel():
+        t_bnd = build_block_table(
+            cfg, seq_len, n_heads, layer, step, boundary, _slots(n_blocks, buf_boundary)
+        )
+    return RankPlan(
+        rank=rank,
+        halo_left=(l_lo, l_hi),
+        halo_right=(r_lo, r_hi),
+        random_blocks=mine,
+        random_sources=sources,
+        random_sends=sends,
+        random_in_group=any(n.numel() > 0 for n in needs),
+        halo_recv=[p for p in pieces if p.dst == rank],
+        halo_send=[p for p in pieces if p.src == rank],
+        halo_in_group=bool(pieces),
+        interior=interior,
+        boundary=boundary,
+        table_interior=t_int,
+        table_boundary=t_bnd,
+        kpos_interior=_blocks_to_tokens(buf_interior, b),
+        kpos_boundary=_blocks_to_tokens(buf_boundary, b),
+        boundary_local=_blocks_to_tokens(read_local - rank * nl, b),
+    )

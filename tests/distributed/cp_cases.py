@@ -1,0 +1,191 @@
+"""Per-rank bodies of the context-parallel tests (module level so spawned ranks can import them).
+
+Every rank builds the same full q, k, v, upstream gradient and masks from a seed, runs the
+single-device dense reference (`cfg.dense_mask` + `dense_attention`, with the padding) on the
+whole sequence, runs `cp_sparse_attention` on its slice, and returns the max errors of its
+slice of the output and of the q/k/v gradients. Used by test_context_parallel.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from model.sparse import SparsityConfig, dense_attention
+from parallel.context_parallel import cp_sparse_attention
+from parallel.traffic import TrafficCounter
+
+BLOCK = 8
+SEQ = 128  # 16 blocks: 4 per rank at P=4, so windows of more than 4 blocks reach are multi-hop
+
+# name -> (SparsityConfig kwargs, padding, per-sample global mask)
+PATTERNS: dict[str, tuple[dict, bool, bool]] = {
+    "window-multihop": (dict(window_blocks=11, global_blocks=0, random_blocks=0), False, False),
+    "window+global": (dict(window_blocks=5, global_blocks=2, random_blocks=0), False, False),
+    "window+random": (dict(window_blocks=3, global_blocks=0, random_blocks=2), False, False),
+    "bigbird": (dict(window_blocks=3, global_blocks=2, random_blocks=2), False, False),
+    "dilated-per-head": (
+        dict(window_blocks=5, global_blocks=1, random_blocks=1, dilation=(1, 2, 3)),
+        False,
+        False,
+    ),
+    "random-per-head": (
+        dict(window_blocks=3, global_blocks=1, random_blocks=2, random_per_head=True),
+        False,
+        False,
+    ),
+    "global-tokens": (
+        dict(window_blocks=3, global_blocks=0, random_blocks=1, global_tokens=(5, 77)),
+        False,
+        False,
+    ),
+    "sample-global": (dict(window_blocks=3, global_blocks=1, random_blocks=1), False, True),
+    "etc": (dict(window_blocks=3, global_blocks=0, random_blocks=1, etc_tokens=3), False, False),
+    "padding": (dict(window_blocks=3, global_blocks=2, random_blocks=2), True, False),
+    "padding+sample-global": (
+        dict(window_blocks=7, global_blocks=1, random_blocks=1, global_tokens=(60,)),
+        True,
+        True,
+    ),
+}
+
+
+def all_cases() -> list[dict]:
+    cases = []
+    for name, (kwargs, padding, sample_global) in PATTERNS.items():
+        for causal in (False, True):
+            if causal and kwargs.get("etc_tokens"):
+                continue  # refused by the config: ETC tokens see the future
+            kw = dict(kwargs, block_size=BLOCK, causal=causal, seed=7)
+            cases.append(
+                dict(name=f"{name}/{'causal' if causal else 'bidir'}", cfg=kw,
+                     padding=padding, sample_global=sample_global)
+            )  # fmt: skip
+    return cases
+
+
+def make_inputs(case: dict, seq_len: int, batch: int, heads: int, dim: int, dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, d_out = (
+        torch.randn(batch, heads, seq_len, dim, generator=gen, dtype=dtype) for _ in range(4)
+    )
+    padding_mask = global_mask = None
+    if case.get("padding"):
+        padding_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+        padding_mask[0, -3:] = True
+        padding_mask[-1, -(seq_len // 4 + 5) :] = True  # a whole rank's slice padded at P=4
+    if case.get("sample_global"):
+        global_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+        global_mask[0, [2, seq_len // 2 + 1]] = True
+        global_mask[-1, [seq_len - 4, 17]] = True
+    return q, k, v, d_out, padding_mask, global_mask
+
+
+def reference(q, k, v, cfg, layer, step, padding_mask, global_mask):
+    """Dense masked attention over the whole sequence (the oracle)."""
+    mask = cfg.dense_mask(
+        q.shape[2], layer=layer, step=step, global_mask=global_mask, n_heads=q.shape[1]
+    )
+    if padding_mask is not None:
+        mask = mask if mask.dim() == 4 else mask.unsqueeze(0)
+        mask = mask & ~padding_mask[:, None, None, :]
+    return dense_attention(q, k, v, mask)
+
+
+def _errors(rank, world, case, dtype, layer=1, step=3, batch=2, heads=3, dim=8):
+    cfg = SparsityConfig(**case["cfg"])
+    q, k, v, d_out, padding_mask, global_mask = make_inputs(
+        case, SEQ, batch, heads, dim, dtype, seed=11
+    )
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = reference(qr, kr, vr, cfg, layer, step, padding_mask, global_mask)
+    (ref * d_out).sum().backward()
+    n = SEQ // world
+    sl = slice(rank * n, (rank + 1) * n)
+    ql, kl, vl = (t[:, :, sl].clone().requires_grad_() for t in (q, k, v))
+    out = cp_sparse_attention(
+        ql, kl, vl, cfg, None, layer, step, padding_mask=padding_mask, global_mask=global_mask
+    )
+    (out * d_out[:, :, sl]).sum().backward()
+    pairs = {
+        "out": (out, ref[:, :, sl]),
+        "dq": (ql.grad, qr.grad[:, :, sl]),
+        "dk": (kl.grad, kr.grad[:, :, sl]),
+        "dv": (vl.grad, vr.grad[:, :, sl]),
+    }
+    return {key: float((a - b).detach().abs().max()) for key, (a, b) in pairs.items()}
+
+
+def exactness(rank: int, world: int, cases: list[dict], dtypes: list[str]) -> list[dict]:
+    """Max errors of this rank's slice for every case and dtype."""
+    results = []
+    for case in cases:
+        for dtype_name in dtypes:
+            errs = _errors(rank, world, case, getattr(torch, dtype_name))
+            results.append(dict(name=case["name"], dtype=dtype_name, errors=errs))
+    return results
+
+
+def two_layers(rank: int, world: int) -> dict:
+    """Two chained cp layers in one graph (the second's queries are the first's output):
+    backward crosses two exchange chains without deadlock and stays exact."""
+    cfg = SparsityConfig(block_size=BLOCK, window_blocks=7, global_blocks=2, random_blocks=2)
+    case = dict(padding=True, sample_global=True)
+    q, k, v, d_out, pad, glob = make_inputs(case, SEQ, 2, 2, 8, torch.float64, seed=3)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    h = reference(qr, kr, vr, cfg, 0, 0, pad, glob)
+    ref = reference(h, kr, vr, cfg, 1, 0, pad, glob)
+    (ref * d_out).sum().backward()
+    n = SEQ // world
+    sl = slice(rank * n, (rank + 1) * n)
+    ql, kl, vl = (t[:, :, sl].clone().requires_grad_() for t in (q, k, v))
+    hl = cp_sparse_attention(ql, kl, vl, cfg, None, 0, 0, pad, glob)
+    out = cp_sparse_attention(hl, kl, vl, cfg, None, 1, 0, pad, glob)
+    (out * d_out[:, :, sl]).sum().backward()
+    return {
+        "out": float((out - ref[:, :, sl]).detach().abs().max()),
+        "dq": float((ql.grad - qr.grad[:, :, sl]).abs().max()),
+        "dk": float((kl.grad - kr.grad[:, :, sl]).abs().max()),
+        "dv": float((vl.grad - vr.grad[:, :, sl]).abs().max()),
+    }
+
+
+def traffic(rank: int, world: int, cfg_kwargs: dict, batch: int, heads: int, dim: int) -> dict:
+    """Bytes this rank sent, by direction and kind, for one forward + backward."""
+    cfg = SparsityConfig(**cfg_kwargs)
+    n = SEQ // world
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen).requires_grad_() for _ in range(3))
+    counter = TrafficCounter()
+    out = cp_sparse_attention(q, k, v, cfg, None, layer=2, traffic=counter)
+    out.sum().backward()
+    return counter.as_dict() | {"layers": counter.layers()}
+
+
+def errors(rank: int, world: int) -> dict[str, str]:
+    """Calls that must raise ValueError on every rank (returns the messages), then a good
+    call proving the group is still usable."""
+    messages = {}
+    good = SparsityConfig(block_size=BLOCK, window_blocks=3, global_blocks=2, random_blocks=1)
+    other = SparsityConfig(block_size=BLOCK, window_blocks=5, global_blocks=2, random_blocks=1)
+    x = torch.randn(1, 2, SEQ // world, 8)
+    calls = {
+        "config-mismatch": lambda: cp_sparse_attention(x, x, x, good if rank else other),
+        "seq-mismatch": lambda: cp_sparse_attention(
+            *(torch.randn(1, 2, SEQ // world + BLOCK * rank, 8),) * 3, good
+        ),
+        "indivisible": lambda: cp_sparse_attention(*(torch.randn(1, 2, 12, 8),) * 3, good),
+        "one-rank-bad-shape": lambda: cp_sparse_attention(
+            x, x if rank != world - 1 else x[:, :1], x, good
+        ),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            messages[name] = "no error"
+        except ValueError as err:
+            messages[name] = "ValueError: " + str(err)
+    out = cp_sparse_attention(x, x, x, good)
+    dist.barrier()
+    messages["after"] = f"ok {tuple(out.shape)}"
+    return messages

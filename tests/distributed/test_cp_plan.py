@@ -1,0 +1,81 @@
+"""Single-process checks of the context-parallel geometry (no process group needed).
+
+pytest tests/distributed/test_cp_plan.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.sparse import SparsityConfig, sparse_attention
+from parallel.context_parallel import cp_sparse_attention
+from parallel.cp_plan import halo_pieces, rank_plan
+
+
+def test_multi_hop_halo_pieces_come_from_their_owners():
+    cfg = SparsityConfig(block_size=8, window_blocks=11, global_blocks=0, random_blocks=0)
+    pieces = halo_pieces(cfg, n_blocks=16, world=4)  # reach 5 blocks, 4 blocks per rank
+    to_two = sorted((p.src, p.lo, p.hi) for p in pieces if p.dst == 2)
+    assert to_two == [(0, 3, 4), (1, 4, 8), (3, 12, 16)]
+    assert all(p.src != p.dst for p in pieces)
+
+
+def test_causal_halo_is_left_only():
+    cfg = SparsityConfig(block_size=8, window_blocks=7, global_blocks=0, random_blocks=0,
+                         causal=True)  # fmt: skip
+    pieces = halo_pieces(cfg, n_blocks=16, world=4)
+    assert all(p.src < p.dst for p in pieces)
+    assert sorted((p.src, p.lo, p.hi) for p in pieces if p.dst == 3) == [(1, 6, 8), (2, 8, 12)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_random_exchange_lists_are_consistent_and_deduplicated(causal):
+    cfg = SparsityConfig(block_size=8, window_blocks=3, global_blocks=2, random_blocks=3,
+                         causal=causal, random_per_head=True)  # fmt: skip
+    world, seq, heads = 4, 256, 3
+    plans = [rank_plan(cfg, seq, world, r, heads, 1, 2) for r in range(world)]
+    nl = seq // 8 // world
+    table = cfg.random_table(seq, heads, 1, 2)
+    for r, plan in enumerate(plans):
+        recv = plan.random_blocks
+        assert torch.equal(recv, torch.unique(recv))
+        lo, hi = plan.halo_left[0], plan.halo_right[1]
+        assert not ((recv >= lo) & (recv < hi)).any()
+        drawn = table[:, r * nl : (r + 1) * nl]
+        drawn = drawn[(drawn >= 0) & ((drawn < lo) | (drawn >= hi))]
+        assert set(drawn.tolist()) == set(recv.tolist())
+        for s in range(world):  # what s sends r is exactly what r receives from s
+            sent = plans[s].random_sends[r] + s * nl
+            got = recv[(recv >= s * nl) & (recv < (s + 1) * nl)]
+            assert torch.equal(sent, got)
+            assert plan.random_sources[s] == got.numel()
+
+
+def test_interior_blocks_need_no_halo():
+    cfg = SparsityConfig(block_size=8, window_blocks=3, global_blocks=0, random_blocks=1)
+    plan = rank_plan(cfg, 512, 4, 1, 2, 0, 0)
+    assert plan.interior.numel() > 0 and plan.boundary.numel() >= 2
+    assert plan.table_interior is not None
+    # every valid entry of the interior table points into [local | random]
+    n_buf = plan.kpos_interior.numel() // 8
+    assert int(plan.table_interior.index[plan.table_interior.valid].max()) < n_buf
+
+
+def test_single_rank_without_process_group_equals_sparse_attention():
+    cfg = SparsityConfig(block_size=8, window_blocks=3, global_blocks=2, random_blocks=2)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 64, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    pad = torch.zeros(2, 64, dtype=torch.bool)
+    pad[1, -9:] = True
+    out = cp_sparse_attention(q, k, v, cfg, padding_mask=pad)
+    torch.testing.assert_close(out, sparse_attention(q, k, v, cfg, padding_mask=pad))
+
+
+def test_single_rank_errors_name_the_setting():
+    cfg = SparsityConfig(block_size=8)
+    with pytest.raises(ValueError, match="block_size"):
+        cp_sparse_attention(*(torch.randn(1, 1, 12, 4),) * 3, cfg)
+    with pytest.raises(ValueError, match="global_mask must be the FULL-sequence"):
+        x = torch.randn(1, 1, 64, 4)
+        cp_sparse_attention(x, x, x, cfg, global_mask=torch.zeros(1, 32, dtype=torch.bool))
