@@ -55,8 +55,12 @@ def cp_sparse_attention(
     padding_mask: torch.Tensor | None = None,
     global_mask: torch.Tensor | None = None,
     traffic: TrafficCounter | None = None,
+    overlap: bool = True,
 ) -> torch.Tensor:
     """This rank's slice [B, H, n, D] of exact sparse attention over the whole sequence.
+
+    overlap=False waits for the halo before any compute (same result; for measuring what the
+    overlap hides, benchmarks/cp_overlap.py).
 
     group: the cp process group (None = WORLD; without torch.distributed initialised, one
     rank). Raises ValueError on every rank (not a hang) for impossible or mismatched arguments.
@@ -90,6 +94,10 @@ def cp_sparse_attention(
     wait_halo = None
     if plan.halo_in_group:
         wait_halo = halo_exchange(comm, plan, cfg.block_size, token, k_local, v_local)
+    kl = vl = kr = vr = k_local.new_zeros(batch, heads, 0, dim)
+    if wait_halo is not None and not overlap:
+        kl, vl, kr, vr, token = wait_halo()
+        wait_halo = None
 
     def run(q_blocks, table, k_buf, v_buf, k_pos):
         q_pos = _tokens(q_blocks, cfg.block_size)
@@ -112,7 +120,6 @@ def cp_sparse_attention(
     if n_glob:  # the global queries' softmax over the local keys, also during the transfer
         k_valid_local = None if key_valid is None else key_valid[:, lo : lo + n_local]
         partial = _global_partial(q_glob, k_local, v_local, glob, lo, k_valid_local, cfg.causal)
-    kl = vl = kr = vr = k_local.new_zeros(batch, heads, 0, dim)
     if wait_halo is not None:
         kl, vl, kr, vr, token = wait_halo()
     if plan.boundary.numel():

@@ -104,8 +104,9 @@ def _errors(rank, world, case, dtype, layer=1, step=3, batch=2, heads=3, dim=8):
     sl = slice(rank * n, (rank + 1) * n)
     ql, kl, vl = (t[:, :, sl].clone().requires_grad_() for t in (q, k, v))
     out = cp_sparse_attention(
-        ql, kl, vl, cfg, None, layer, step, padding_mask=padding_mask, global_mask=global_mask
-    )
+        ql, kl, vl, cfg, None, layer, step, padding_mask=padding_mask, global_mask=global_mask,
+        overlap=case.get("overlap", True),
+    )  # fmt: skip
     (out * d_out[:, :, sl]).sum().backward()
     pairs = {
         "out": (out, ref[:, :, sl]),

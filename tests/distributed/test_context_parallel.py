@@ -10,6 +10,8 @@ q/k/v gradients of a random upstream gradient, each rank checking its slice.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.distributed import cp_cases
@@ -38,6 +40,34 @@ def test_every_pattern_matches_dense_reference(world, tmp_path):
     assert len(per_rank) == world
     assert all(len(results) == 2 * len(cases) for results in per_rank)
     assert not _failures(per_rank), "\n".join(_failures(per_rank))
+
+
+@pytest.mark.timeout(120)
+def test_without_overlap_same_result(tmp_path):
+    """overlap=False (halo awaited before any compute) is exact too."""
+    cases = [
+        dict(c, overlap=False)
+        for c in cp_cases.all_cases()
+        if c["name"].split("/")[0] in ("window-multihop", "bigbird", "padding+sample-global")
+    ]
+    assert len(cases) == 6
+    per_rank = run_ranks(cp_cases.exactness, 4, tmp_path, args=(cases, ["float64"]), timeout=100)
+    assert not _failures(per_rank), "\n".join(_failures(per_rank))
+
+
+@pytest.mark.timeout(180)
+def test_overlap_hides_a_slow_halo(tmp_path):
+    """benchmarks.cp_overlap: with the peer's halo delayed by rank 0's compute time, overlap
+    hides a clear share of it (the interior is 60 of 64 blocks; 0.3 leaves room for noise)."""
+    from benchmarks import cp_overlap
+
+    out = tmp_path / "overlap.json"
+    args = ["--seq-len", "8192", "--window-blocks", "9", "--reps", "3", "--out", str(out)]
+    assert cp_overlap.main([*args, "--min-hidden", "0.3"]) == 0
+    report = json.loads(out.read_text())
+    r0 = report["rank0"]
+    assert r0["interior_blocks"] == 60 and r0["boundary_blocks"] == 4
+    assert r0["overlap_off_s"] >= r0["delay_s"]  # without overlap the delay is paid in full
 
 
 @pytest.mark.timeout(120)
