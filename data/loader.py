@@ -3,26 +3,32 @@
     stream = build_train_stream(DataArgs(path="artifacts/data/stdlib"), seq_len=1024,
                                 micro_batch_size=4, dp_rank=rank, dp_size=world, seed=run_seed)
     for batch in stream: ...           # forever; dict of [B, L] tensors (see data/packing.py)
-    state = stream.state_dict()        # exact in-process resume: load_state_dict(state)
+    state = stream.state_dict()        # exact resume: a new stream's load_state_dict(state)
 
 Order of the stream, all of it deterministic from (DataArgs.seed, seed):
   - epoch e: all train shards are permuted with a generator seeded by (data seed, run seed, e);
     data-parallel rank r reads ``order[r::dp_size]`` (ranks agree on the order, so their shards
-    are disjoint and together cover every shard once per epoch). Epochs count per rank; ranks
-    may hold slightly different numbers of tokens, the stream simply continues.
+    are disjoint and together cover every shard once per epoch), and with W = max(1,
+    num_workers) readers, reader w reads ``order[r::dp_size][w::W]``. Epochs count per reader.
   - within a shard, documents are shuffled in consecutive blocks of ``shuffle_buffer`` documents,
     each block with a generator seeded by (data seed, run seed, e, shard, block).
-  - documents are packed with EOS separators into windows of seq_len + 1 tokens.
-The state is (epoch, position in the rank's shard order, documents taken from that shard, the
-packer's leftover tokens): resuming re-reads the shard, re-derives the same block order and skips
-the documents already taken. Tensor/context/pipeline peers pass the same dp_rank and get the same
-batches; nothing here reads torch.distributed.
+  - each reader packs its documents (data/packing.py); the stream takes one batch from each
+    reader in turn, 0, 1, ..., W-1, 0, ... (each DataLoader worker runs one reader).
+The state is each reader's position (data/stream.py: a few integers, no token buffer) plus the
+reader due next; resuming re-reads the shards and skips what was handed out, so the stream after
+a resume (in any process) is the uninterrupted one. A rank's state resumes under the same
+dp_size and num_workers; the merge of all ranks' states resumes under any (data/reshard.py);
+seq_len and micro_batch_size may change either way. Tensor/context/pipeline peers pass the same
+dp_rank and get the same batches; nothing here reads torch.distributed. ``stream.stats()``
+counts the bad data skipped (see data/stream.py).
 
 Try it:  python -m data.loader DIR [SEQ_LEN]   (prints the shape and first tokens of a batch)
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,13 +37,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.masking import mlm_batch
 from data.packing import Packer, make_batch
 from data.prepare import read_manifest
-from data.shards import read_shard
+from data.reshard import MERGED_KIND, merge_rank_states, reader_states_from_merged
+from data.shards import expand_shard_urls, load_shard
+from data.stream import BadDataError, Batch, ReaderStream, StreamSpec, initial_state
+from data.tokenizer import Tokenizer
 
-__all__ = ["DataArgs", "TrainStream", "build_train_stream", "build_val_batches", "read_manifest"]
+logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+__all__ = [
+    "DataArgs",
+    "TrainStream",
+    "build_train_stream",
+    "build_val_batches",
+    "merge_rank_states",
+    "read_manifest",
+]
+
+STATE_VERSION = 2
+OBJECTIVES = ("clm", "mlm")
+BAD_DATA_POLICIES = ("skip", "fail")
 
 
 @dataclass
@@ -46,24 +67,50 @@ class DataArgs:
     the model/attention config and is passed to build_train_stream."""
 
     path: str = "artifacts/data/stdlib"  # prepared directory (`python -m data.prepare --out PATH`)
+    # Train shards as a webdataset URL pattern instead of the manifest's list, e.g.
+    # "pipe:cat /data/train-{000000..000099}.tar" or "/mnt/x/train-{000000..000009}.tar";
+    # "" reads the shards the manifest lists. The tokenizer always comes from `path`.
+    train_shards: str = ""
     seed: int = 0  # data-order seed; combined with the run seed given to build_train_stream
     shuffle_shards: bool = True  # permute the shard order every epoch
     # Documents are shuffled within consecutive blocks of this many documents of a shard,
     # reproducibly (so resume is exact); 0 or 1 keeps file order.
     shuffle_buffer: int = 256
-    # DataLoader worker processes for the train stream; 0 reads in the training process.
-    # With workers > 0 the stream is not resumable yet (state_dict refuses).
+    # DataLoader worker processes for the train stream; 0 reads in the training process. Each
+    # worker reads its own share of the rank's shards. Resumable either way; a rank's state
+    # resumes under the same num_workers and dp_size (else merge all ranks' states first).
     num_workers: int = 0
+    # Start every document at the beginning of a sequence (the rest of its last sequence is
+    # padding, loss_mask 0) instead of concatenating documents across sequence boundaries.
+    doc_start_at_boundary: bool = False
+    objective: str = "clm"  # "clm": next-token labels; "mlm": BERT-style masked tokens
+    mlm_probability: float = 0.15  # mlm: fraction of ordinary tokens chosen for prediction
+    mask_token: str = "<mask>"  # mlm: tokenizer piece used as mask (prepare --user-symbols)
+    # Damaged shards, undecodable samples and empty documents: "skip" (logged and counted in
+    # stream.stats()) or "fail" (raise at the first one).
+    bad_data: str = "skip"
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"data.path={self.path!r} must name a prepared data directory")
+        if not isinstance(self.train_shards, str):
+            raise ValueError(f"data.train_shards={self.train_shards!r} must be a string")
         for key in ("seed", "shuffle_buffer", "num_workers"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"data.{key}={value!r} must be an integer >= 0")
-        if not isinstance(self.shuffle_shards, bool):
-            raise ValueError(f"data.shuffle_shards={self.shuffle_shards!r} must be true or false")
+        for key in ("shuffle_shards", "doc_start_at_boundary"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"data.{key}={getattr(self, key)!r} must be true or false")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"data.objective={self.objective!r} must be one of {OBJECTIVES}")
+        p = self.mlm_probability
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+            raise ValueError(f"data.mlm_probability={p!r} must be a number in (0, 1)")
+        if not isinstance(self.mask_token, str) or not self.mask_token:
+            raise ValueError(f"data.mask_token={self.mask_token!r} must be a tokenizer piece")
+        if self.bad_data not in BAD_DATA_POLICIES:
+            raise ValueError(f"data.bad_data={self.bad_data!r} must be one of {BAD_DATA_POLICIES}")
 
 
 def _check_shape(seq_len: int, micro_batch_size: int) -> None:
@@ -73,10 +120,25 @@ def _check_shape(seq_len: int, micro_batch_size: int) -> None:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
 
 
+def mask_token_id(args: DataArgs, root: Path, manifest: dict) -> int:
+    """The id of ``args.mask_token`` in the prepared tokenizer (mlm only); -1 for clm."""
+    if args.objective != "mlm":
+        return -1
+    tok = Tokenizer.load(root / manifest["tokenizer"]["file"])
+    token_id = tok.piece_to_id(args.mask_token)
+    if token_id == tok.unk_id and args.mask_token != tok.id_to_piece(tok.unk_id):
+        raise ValueError(
+            f"data.objective=mlm needs data.mask_token={args.mask_token!r} in the tokenizer, "
+            f"and {root} has no such piece: re-prepare with --user-symbols '{args.mask_token}'"
+        )
+    return token_id
+
+
 class TrainStream:
     """Endless iterable of train batches for one data-parallel rank (see module docstring).
 
-    Use one iterator at a time: iterating advances the stream's own state.
+    Use one iterator at a time: iterating advances the stream's own state, which always
+    describes the batches handed out so far (batches prefetched by workers do not count).
     """
 
     def __init__(
@@ -87,7 +149,6 @@ class TrainStream:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
-        worker: tuple[int, int] = (0, 1),
     ) -> None:
         _check_shape(seq_len, micro_batch_size)
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -96,81 +157,101 @@ class TrainStream:
             raise ValueError(f"seed={seed} must be >= 0")
         self.args, self.seq_len, self.micro_batch_size = args, seq_len, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.worker_id, self.num_workers = worker
         self.root = Path(args.path)
         self.manifest = read_manifest(self.root)
         tok = self.manifest["tokenizer"]
         self.vocab_size, self.tokenizer_sha256 = tok["vocab_size"], tok["sha256"]
         self.eos_id, self.pad_id = tok["eos_id"], tok["pad_id"]
         self.token_format = self.manifest["token_format"]
-        self.shards = [s["file"] for s in self.manifest["splits"]["train"]["shards"]]
-        per_rank = len(self.shards) // dp_size
-        if per_rank < max(1, args.num_workers):
+        listed = self.manifest["splits"]["train"]["shards"]
+        if args.train_shards:
+            urls = expand_shard_urls(args.train_shards)
+            by_name = {s["file"]: s["docs"] for s in listed}
+            expected = [by_name.get(u.rsplit("/", 1)[-1]) for u in urls]
+            self.shards = urls
+        else:
+            urls = [str(self.root / s["file"]) for s in listed]
+            expected = [s["docs"] for s in listed]
+            self.shards = [s["file"] for s in listed]
+        self.num_streams = max(1, args.num_workers)
+        per_rank = len(urls) // dp_size
+        if per_rank < self.num_streams:
             raise ValueError(
-                f"{self.root} has {len(self.shards)} train shards: fewer than dp_size={dp_size} "
+                f"{self.root} has {len(urls)} train shards: fewer than dp_size={dp_size} "
                 f"x max(1, data.num_workers={args.num_workers}); re-prepare with a smaller "
                 "--shard-tokens or lower data.num_workers"
             )
-        self.epoch, self.shard_pos, self.docs_in_shard = 0, 0, 0
-        self.packer = Packer(seq_len, self.eos_id)
+        self.spec = StreamSpec(
+            urls=tuple(urls),
+            expected_docs=tuple(expected),
+            token_format=self.token_format,
+            seq_len=seq_len,
+            micro_batch_size=micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            num_streams=self.num_streams,
+            seed=seed,
+            data_seed=args.seed,
+            shuffle_shards=args.shuffle_shards,
+            shuffle_buffer=max(1, args.shuffle_buffer),
+            doc_start_at_boundary=args.doc_start_at_boundary,
+            bad_data=args.bad_data,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            objective=args.objective,
+            mlm_probability=float(args.mlm_probability),
+            mask_id=mask_token_id(args, self.root, self.manifest),
+            vocab_size=self.vocab_size,
+        )
+        self.reader_states = [initial_state(w) for w in range(self.num_streams)]
+        self.next_reader = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the earliest reader (where the stream is, as far as the model saw)."""
+        return min(s["pending"][0][0] if s["pending"] else s["epoch"] for s in self.reader_states)
 
     def shards_for_epoch(self, epoch: int) -> list[str]:
-        """This rank's (and worker's) shard files for ``epoch``, in reading order."""
-        order = np.arange(len(self.shards))
-        if self.args.shuffle_shards:
-            order = np.random.default_rng([self.args.seed, self.seed, epoch]).permutation(order)
-        mine = order[self.dp_rank :: self.dp_size][self.worker_id :: self.num_workers]
-        return [self.shards[i] for i in mine]
+        """This rank's shard files (or URLs) for ``epoch``, in reading order."""
+        return [self.shards[i] for i in self.spec.rank_shards(epoch)]
 
-    def _shard_docs(self, epoch: int, shard: str) -> Iterator[np.ndarray]:
-        block_size = max(1, self.args.shuffle_buffer)
-        shard_index = self.shards.index(shard)
-        block: list[np.ndarray] = []
-        n_blocks = 0
+    def stats(self) -> dict[str, int]:
+        """Bad data met so far by the batches handed out: {"skipped_samples", "skipped_shards"}."""
+        keys = ("skipped_samples", "skipped_shards")
+        return {k: sum(s[k] for s in self.reader_states) for k in keys}
 
-        def flush() -> list[np.ndarray]:
-            if block_size == 1:
-                return block
-            seq = [self.args.seed, self.seed, epoch, shard_index, n_blocks]
-            perm = np.random.default_rng(seq).permutation(len(block))
-            return [block[i] for i in perm]
-
-        for sample in read_shard(self.root / shard, self.token_format):
-            block.append(sample.tokens)
-            if len(block) == block_size:
-                yield from flush()
-                block, n_blocks = [], n_blocks + 1
-        if block:
-            yield from flush()
-
-    def _docs(self) -> Iterator[np.ndarray]:
-        """Documents from the current position on; advances the counters as it hands them out."""
-        while True:
-            shards = self.shards_for_epoch(self.epoch)
-            while self.shard_pos < len(shards):
-                docs = self._shard_docs(self.epoch, shards[self.shard_pos])
-                for i, doc in enumerate(docs):
-                    if i >= self.docs_in_shard:
-                        self.docs_in_shard += 1
-                        yield doc
-                self.shard_pos, self.docs_in_shard = self.shard_pos + 1, 0
-            self.epoch, self.shard_pos = self.epoch + 1, 0
-
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        docs = self._docs()
-        while True:
-            while self.packer.windows_ready() < self.micro_batch_size:
-                self.packer.add(next(docs))
-            windows = self.packer.pop(self.micro_batch_size)
-            yield make_batch(windows, self.eos_id, self.pad_id)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self.args.num_workers == 0:
-            return self._batches()
+            return self._iter_in_process()
+        return self._iter_workers()
+
+    def _iter_in_process(self) -> Iterator[Batch]:
+        for batch, state in ReaderStream(self.spec, 0, self.reader_states[0]):
+            self.reader_states[0] = state
+            yield batch
+
+    def _iter_workers(self) -> Iterator[Batch]:
+        # DataLoader asks its workers round-robin and returns their outputs in that order, so
+        # the j-th batch comes from worker j % n. Worker p runs reader (first + p) % n, which
+        # makes the reader sequence first, first + 1, ... whatever reader was due next.
+        n, first = self.num_streams, self.next_reader
+        dataset = _ReaderDataset(self.spec, list(self.reader_states), first)
+        # Fork where the platform has it: a process that was itself spawned (torch.multiprocessing
+        # ranks) would otherwise spawn its workers too, re-importing everything in each.
+        context = "fork" if "fork" in mp.get_all_start_methods() else None
         loader = torch.utils.data.DataLoader(
-            _WorkerStreams(self), batch_size=None, num_workers=self.args.num_workers
+            dataset, batch_size=None, num_workers=n, multiprocessing_context=context
         )
-        return iter(loader)
+        for j, (batch, state) in enumerate(loader):
+            reader = (first + j) % n
+            if state["reader"] != reader:
+                raise RuntimeError(
+                    f"data loader worker order broke: expected reader {reader}, "
+                    f"got {state['reader']}"
+                )
+            self.reader_states[reader] = state
+            self.next_reader = (reader + 1) % n
+            yield batch
 
     def _order_key(self) -> dict:
         # Everything that fixes which document comes when; a resume must match all of it.
@@ -183,58 +264,61 @@ class TrainStream:
             "shuffle_buffer": max(1, self.args.shuffle_buffer),
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
+            "num_workers": self.args.num_workers,
         }
 
     def state_dict(self) -> dict:
-        if self.args.num_workers:
-            raise ValueError(
-                f"data.num_workers={self.args.num_workers}: the train stream is only resumable "
-                "with data.num_workers=0 for now (per-worker state is not collected)"
-            )
         return {
             "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "shard_pos": self.shard_pos,
-            "docs_in_shard": self.docs_in_shard,
-            "packer": self.packer.state_dict(),
             "order": self._order_key(),
+            "next_reader": self.next_reader,
+            "readers": [dict(s) for s in self.reader_states],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from this rank's own state (same layout), or from the merge of all ranks'
+        states (data/reshard.py: any dp_size and num_workers)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"data loader state version {state.get('version')!r} is not {STATE_VERSION}"
-            )
-        if self.args.num_workers:
-            raise ValueError(
-                f"data.num_workers={self.args.num_workers}: resuming the train stream needs "
-                "data.num_workers=0 for now"
             )
         mine = self._order_key()
         for key, value in state["order"].items():
             if mine.get(key) != value:
                 raise ValueError(
                     f"cannot resume the data stream: {key} was {value!r} when saved and is "
-                    f"{mine.get(key)!r} now (changing dp_size needs loader-state resharding)"
+                    f"{mine.get(key)!r} now (a rank's state resumes only under the same "
+                    "dp_size and data.num_workers; to change those, load the merge of all "
+                    "ranks' states, data.reshard.merge_rank_states)"
                 )
-        self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])
-        self.docs_in_shard = int(state["docs_in_shard"])
-        self.packer.load_state_dict(state["packer"])
+        if state.get("kind") == MERGED_KIND:
+            self.reader_states = reader_states_from_merged(
+                state, self.dp_rank, self.dp_size, self.num_streams
+            )
+            self.next_reader = 0
+            return
+        readers = state["readers"]
+        if len(readers) != self.num_streams:
+            raise ValueError(
+                f"data loader state holds {len(readers)} readers, this stream {self.num_streams}"
+            )
+        self.reader_states = [dict(s) for s in readers]
+        self.next_reader = int(state["next_reader"])
 
 
-class _WorkerStreams(torch.utils.data.IterableDataset):
-    """Runs one TrainStream per DataLoader worker, each over its share of the rank's shards."""
+class _ReaderDataset(torch.utils.data.IterableDataset):
+    """In DataLoader worker p: reader (first + p) % n, from its saved state."""
 
-    def __init__(self, parent: TrainStream) -> None:
-        self.parent = parent
+    def __init__(self, spec: StreamSpec, states: list[dict], first: int) -> None:
+        self.spec, self.states, self.first = spec, states, first
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Batch, dict]]:
         info = torch.utils.data.get_worker_info()
-        worker = (info.id, info.num_workers) if info is not None else (0, 1)
-        p = self.parent
-        args = DataArgs(**{**p.args.__dict__, "num_workers": 0})
-        sub = TrainStream(args, p.seq_len, p.micro_batch_size, p.dp_rank, p.dp_size, p.seed, worker)
-        return sub._batches()
+        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if n != self.spec.num_streams:
+            raise RuntimeError(f"{n} DataLoader workers for {self.spec.num_streams} readers")
+        reader = (self.first + worker) % n
+        return iter(ReaderStream(self.spec, reader, self.states[reader]))
 
 
 def build_train_stream(
@@ -251,10 +335,12 @@ def build_train_stream(
 
 def build_val_batches(
     args: DataArgs, seq_len: int, micro_batch_size: int, max_batches: int | None
-) -> list[dict[str, torch.Tensor]]:
+) -> list[Batch]:
     """Up to ``max_batches`` validation batches (None: all), the same on every rank and call.
 
-    Val documents are packed in file order; the final partial batch is padded (loss_mask 0).
+    Val documents are packed in file order (with the train stream's packing layout and
+    objective; the MLM draw is seeded by the batch index); the final partial batch is padded
+    (loss_mask 0). Bad data follows ``args.bad_data``.
     """
     _check_shape(seq_len, micro_batch_size)
     if max_batches is not None and max_batches < 1:
@@ -262,29 +348,55 @@ def build_val_batches(
     root = Path(args.path)
     manifest = read_manifest(root)
     tok = manifest["tokenizer"]
-    shards = [s["file"] for s in manifest["splits"]["val"]["shards"]]
+    shards = manifest["splits"]["val"]["shards"]
     if not shards:
         raise ValueError(
             f"{root} has no validation documents: re-prepare with a larger --val-per-mille"
         )
-    packer = Packer(seq_len, tok["eos_id"])
-    batches: list[dict[str, torch.Tensor]] = []
+    eos, pad = tok["eos_id"], tok["pad_id"]
+    mask_id = mask_token_id(args, root, manifest)
+    packer = Packer(seq_len, eos, pad, args.doc_start_at_boundary)
+    batches: list[Batch] = []
+
+    def add(windows: np.ndarray, valid: np.ndarray) -> None:
+        batch = make_batch(windows, eos, pad, valid)
+        if args.objective == "mlm":
+            rng = np.random.default_rng([args.seed, len(batches), 1])
+            p = args.mlm_probability
+            batch = mlm_batch(batch, valid[:, :-1], mask_id, tok["vocab_size"], p, rng)
+        batches.append(batch)
 
     def full() -> bool:
         return max_batches is not None and len(batches) >= max_batches
 
     for shard in shards:
-        for sample in read_shard(root / shard, manifest["token_format"]):
+        url = str(root / shard["file"])
+        contents = load_shard(url, manifest["token_format"])
+        problems = [f"sample {k}: {why}" for k, why in contents.bad_samples]
+        n_read = len(contents.samples) + len(contents.bad_samples)
+        error = contents.error
+        if error is None and n_read != shard["docs"]:
+            error = f"holds {n_read} samples where the manifest lists {shard['docs']}"
+        if error is not None:
+            problems = [error]
+        if problems and args.bad_data == "fail":
+            raise BadDataError(f"val shard {url}: {problems[0]} (set data.bad_data=skip)")
+        for problem in problems:
+            logger.warning("skipping in val shard %s: %s", url, problem)
+        if error is not None:
+            continue
+        for sample in contents.samples:
+            if len(sample.tokens) == 0:
+                continue
             packer.add(sample.tokens)
             while packer.windows_ready() >= micro_batch_size and not full():
-                batches.append(
-                    make_batch(packer.pop(micro_batch_size), tok["eos_id"], tok["pad_id"])
-                )
+                add(*packer.pop(micro_batch_size))
             if full():
                 return batches
-    tail = packer.pop_padded(micro_batch_size, tok["pad_id"])
-    if tail is not None:
-        batches.append(make_batch(tail[0], tok["eos_id"], tok["pad_id"], valid=tail[1]))
+    tail = packer.pop_padded(micro_batch_size)
+    while tail is not None and not full():
+        add(*tail)
+        tail = packer.pop_padded(micro_batch_size)
     return batches
 
 

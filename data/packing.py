@@ -1,75 +1,155 @@
-"""Packing documents into fixed-length causal-LM sequences with document boundaries.
+"""Packing documents into fixed-length sequences with document boundaries.
 
-The token stream is  doc0 EOS doc1 EOS doc2 EOS ...  and it is cut into windows of seq_len + 1
-tokens with a stride of seq_len: window i is stream[i*L : i*L + L + 1], so consecutive windows
-share one token and every stream token is an input exactly once and a label exactly once (the
-first one excepted). A long document simply continues into the next window.
+Every document is followed by EOS; the token stream of a document is ``doc EOS``. Two layouts:
+
+- concatenated (default): the documents' streams are concatenated and cut into windows of
+  seq_len + 1 tokens with a stride of seq_len: window i is stream[i*L : i*L + L + 1], so
+  consecutive windows share one token and every stream token is an input exactly once and a
+  label exactly once (the first one excepted). A long document simply continues into the next
+  window.
+- ``doc_start_at_boundary``: every document starts a new sequence. A document's stream is cut the
+  same way into ceil(n / L) windows (a long document fills consecutive sequences) and the last
+  one is padded; nothing of the next document shares a sequence with it.
 
 Per window, ``tokens = w[:-1]`` and ``labels = w[1:]``. The EOS in front of a document starts that
 document's segment (it plays the role of BOS): ``doc_ids`` counts segments within the sequence
 from 0 and ``position_ids`` restart at 0 at each segment start and at the start of every
-sequence, so they are always < seq_len. Padding (only at the end of the validation stream) is a
-segment of its own, with ``loss_mask`` 0 wherever the label is padding.
+sequence, so they are always < seq_len. Padding is a segment of its own, with ``loss_mask`` 0
+wherever the label is padding.
+
+The packer knows where the first token it has not handed out yet comes from: ``position()`` is
+(the caller's id of that document, offset into the document's stream). Since windows are cut at
+fixed strides from there, that position alone fixes everything that follows: it is the packer's
+whole resumable state (re-add the document with ``start=offset``).
 
 Shape legend: B = micro batch size, L = seq_len.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Any
+
 import numpy as np
 import torch
 
 
 class Packer:
-    """Token buffer that takes whole documents and gives out windows of seq_len + 1 tokens.
+    """Takes whole documents, gives out [n, L + 1] windows plus their validity (see module doc)."""
 
-    Its state is just the leftover buffer (tokens of documents already taken, not yet emitted).
-    """
-
-    def __init__(self, seq_len: int, eos_id: int) -> None:
+    def __init__(
+        self, seq_len: int, eos_id: int, pad_id: int = 0, doc_start_at_boundary: bool = False
+    ) -> None:
         self.seq_len = seq_len
         self.eos_id = eos_id
-        self._chunks: list[np.ndarray] = []
-        self._len = 0
+        self.pad_id = pad_id
+        self.boundary = doc_start_at_boundary
+        # One entry per document: [doc id, its stream from `origin` on (doc EOS, padded in
+        # boundary mode), offset in it of the first token not handed out, number of real
+        # (non-padding) tokens, origin = tokens of the document handed out before it was added].
+        self._segments: deque[list[Any]] = deque()
+        self._tokens = 0  # concatenated mode: tokens not handed out yet
+        self._windows = 0  # boundary mode: windows not handed out yet
 
-    def __len__(self) -> int:
-        return self._len
-
-    def add(self, tokens: np.ndarray) -> None:
-        """Append one document followed by EOS."""
-        self._chunks.append(np.asarray(tokens, dtype=np.int64))
-        self._chunks.append(np.array([self.eos_id], dtype=np.int64))
-        self._len += len(tokens) + 1
+    def add(self, tokens: np.ndarray, doc_id: Any = None, start: int = 0) -> None:
+        """Append one document (and its EOS); ``start`` tokens of its stream were handed out."""
+        n = len(tokens)
+        if not 0 <= start <= n:
+            raise ValueError(f"start={start} is outside the {n + 1}-token document stream")
+        stream = np.empty(n + 1 - start, dtype=np.int64)
+        stream[: n - start] = tokens[start:]
+        stream[-1] = self.eos_id
+        if self.boundary:
+            # Windows are cut from `start` (a window start unless seq_len changed on resume).
+            n_windows = -(-(len(stream) - 1) // self.seq_len)
+            if n_windows == 0:
+                return  # only the EOS is left: no label to give
+            padded = np.full(n_windows * self.seq_len + 1, self.pad_id, dtype=np.int64)
+            padded[: len(stream)] = stream
+            self._segments.append([doc_id, padded, 0, len(stream), start])
+            self._windows += n_windows
+        else:
+            self._segments.append([doc_id, stream, 0, len(stream), start])
+            self._tokens += len(stream)
 
     def windows_ready(self) -> int:
-        return max(0, (self._len - 1) // self.seq_len)
+        if self.boundary:
+            return self._windows
+        return max(0, (self._tokens - 1) // self.seq_len)
 
-    def _buffer(self) -> np.ndarray:
-        if len(self._chunks) != 1:
-            merged = np.concatenate(self._chunks) if self._chunks else np.empty(0, np.int64)
-            self._chunks = [merged]
-        return self._chunks[0]
+    def position(self) -> tuple[Any, int] | None:
+        """(doc id, offset) of the first token not handed out yet; None if the packer is empty."""
+        if not self._segments:
+            return None
+        doc_id, _, offset, _, origin = self._segments[0]
+        return doc_id, origin + offset
 
-    def pop(self, n: int) -> np.ndarray:
-        """[n, L + 1] windows; the last token of each stays as the first of the next."""
+    def pop(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(windows [n, L + 1] int64, valid [n, L + 1] bool)."""
         if n > self.windows_ready():
             raise ValueError(f"{n} windows requested, {self.windows_ready()} ready")
-        buf = self._buffer()
-        step = self.seq_len
-        out = np.stack([buf[i * step : i * step + step + 1] for i in range(n)])
-        self._chunks = [buf[n * step :]]
-        self._len -= n * step
-        return out
+        if self.boundary:
+            return self._pop_boundary(n)
+        l1 = self.seq_len + 1
+        need = n * self.seq_len + 1
+        pieces, got = [], 0
+        for _, stream, offset, _, _ in self._segments:
+            piece = stream[offset : offset + need - got]
+            pieces.append(piece)
+            got += len(piece)
+            if got == need:
+                break
+        buf = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        windows = np.lib.stride_tricks.sliding_window_view(buf, l1)[:: self.seq_len][:n].copy()
+        self._advance(n * self.seq_len)
+        return windows, np.ones_like(windows, dtype=bool)
 
-    def pop_padded(self, n: int, pad_id: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Like ``pop`` but also drains a final partial window, padding it with ``pad_id``.
+    def _advance(self, count: int) -> None:
+        self._tokens -= count
+        while count:
+            seg = self._segments[0]
+            avail = len(seg[1]) - seg[2]
+            if avail <= count:
+                self._segments.popleft()
+                count -= avail
+            else:
+                seg[2] += count
+                count = 0
+
+    def _pop_boundary(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        l1, step = self.seq_len + 1, self.seq_len
+        windows = np.empty((n, l1), dtype=np.int64)
+        valid = np.empty((n, l1), dtype=bool)
+        idx = np.arange(l1)
+        for i in range(n):
+            seg = self._segments[0]
+            _, stream, offset, n_real, _ = seg
+            windows[i] = stream[offset : offset + l1]
+            valid[i] = offset + idx < n_real
+            seg[2] += step
+            if seg[2] + 1 >= len(stream):
+                self._segments.popleft()
+        self._windows -= n
+        return windows, valid
+
+    def pop_padded(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Like ``pop`` but also drains a final partial batch, padding it.
 
         Returns (windows [n, L + 1], valid [n, L + 1] bool), or None if no label is left.
         """
-        buf = self._buffer()
+        if self.boundary:
+            k = min(n, self.windows_ready())
+            if k == 0:
+                return None
+            windows = np.full((n, self.seq_len + 1), self.pad_id, dtype=np.int64)
+            valid = np.zeros((n, self.seq_len + 1), dtype=bool)
+            windows[:k], valid[:k] = self._pop_boundary(k)
+            return windows, valid
+        pieces = [seg[1][seg[2] :] for seg in self._segments]
+        buf = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
         if len(buf) < 2:
             return None
-        windows = np.full((n, self.seq_len + 1), pad_id, dtype=np.int64)
+        windows = np.full((n, self.seq_len + 1), self.pad_id, dtype=np.int64)
         valid = np.zeros((n, self.seq_len + 1), dtype=bool)
         for i in range(n):
             piece = buf[i * self.seq_len : i * self.seq_len + self.seq_len + 1]
@@ -77,23 +157,14 @@ class Packer:
                 break
             windows[i, : len(piece)] = piece
             valid[i, : len(piece)] = True
-        used = min(len(buf) - 1, n * self.seq_len)
-        self._chunks = [buf[used:]]
-        self._len = len(buf) - used
+        self._advance(min(len(buf) - 1, n * self.seq_len))
         return windows, valid
-
-    def state_dict(self) -> dict:
-        return {"buffer": torch.from_numpy(self._buffer().copy())}
-
-    def load_state_dict(self, state: dict) -> None:
-        buf = torch.as_tensor(state["buffer"], dtype=torch.int64).numpy().copy()
-        self._chunks, self._len = [buf], len(buf)
 
 
 def make_batch(
     windows: np.ndarray, eos_id: int, pad_id: int, valid: np.ndarray | None = None
 ) -> dict[str, torch.Tensor]:
-    """Turn [B, L + 1] windows into the training batch dict (see module docstring)."""
+    """Turn [B, L + 1] windows into the causal-LM batch dict (see module docstring)."""
     b, l1 = windows.shape
     if valid is None:
         valid = np.ones((b, l1), dtype=bool)

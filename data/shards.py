@@ -51,8 +51,11 @@ class ShardWriter:
     ``shard_tokens`` tokens. Each shard is written to ``.tmp`` and renamed when complete.
     """
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, token_format: str) -> None:
+    def __init__(
+        self, out_dir: Path, split: str, shard_tokens: int, token_format: str, first_index: int = 0
+    ) -> None:
         self.out_dir = Path(out_dir)
+        self.first_index = first_index
         self.split = split
         self.shard_tokens = shard_tokens
         self.dtype = TOKEN_DTYPES[token_format]
@@ -63,7 +66,7 @@ class ShardWriter:
         self._tokens = 0
 
     def _path(self) -> Path:
-        return self.out_dir / shard_name(self.split, len(self.shards))
+        return self.out_dir / shard_name(self.split, self.first_index + len(self.shards))
 
     def _add_member(self, name: str, data: bytes) -> None:
         # Fixed metadata so the same input gives byte-identical shards.
@@ -115,25 +118,98 @@ class ShardWriter:
             self._tar.close()  # leave only the .tmp behind; no manifest will list it
 
 
+def write_shard(
+    out_dir: Path, split: str, index: int, samples: list[tuple[str, np.ndarray, dict]], fmt: str
+) -> dict:
+    """Write exactly these (key, tokens, meta) samples as shard ``index`` of ``split`` (through a
+    ``.tmp`` file); returns its manifest entry {"file", "docs", "tokens", "bytes"}."""
+    if not samples:
+        raise ValueError(f"shard {shard_name(split, index)} needs at least one sample")
+    with ShardWriter(out_dir, split, 2**62, fmt, first_index=index) as writer:
+        for key, tokens, meta in samples:
+            writer.write(key, tokens, meta)
+    return writer.shards[0]
+
+
 def read_shard(path: str | os.PathLike, token_format: str) -> Iterator[ShardSample]:
-    """Samples of one shard, in file order, read with webdataset.
+    """Samples of one shard, in file order, read with webdataset; damaged data raises.
 
     Splitting by node/worker and shard shuffling are the loader's job (it needs them to be
     deterministic and resumable), so webdataset's own splitters are switched off here.
     """
-    dtype = TOKEN_DTYPES[token_format]
+    contents = load_shard(str(path), token_format)
+    if contents.error is not None:
+        raise ValueError(f"{path}: {contents.error}")
+    if contents.bad_samples:
+        key, reason = contents.bad_samples[0]
+        raise ValueError(f"{path}: sample {key}: {reason}")
+    yield from contents.samples
+
+
+@dataclass
+class ShardContents:
+    """Everything readable in one shard, plus what was not."""
+
+    samples: list[ShardSample]  # the good samples, in file order (empty documents included)
+    bad_samples: list[tuple[str, str]]  # (key, reason) of samples that could not be decoded
+    error: str | None  # why the tar could not be read to its end (None: it could)
+
+
+def expand_shard_urls(pattern: str) -> list[str]:
+    """webdataset's URL expansion: ``{000000..000009}`` brace ranges, ``::``-separated lists."""
+    return list(wds.shardlists.expand_urls(pattern))
+
+
+def decode_sample(sample: dict, token_format: str) -> ShardSample:
+    """One webdataset sample dict -> ShardSample; ValueError says what is wrong with it."""
     ext = f"tokens.{token_format}"
-    dataset = wds.WebDataset(
-        str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-    )
-    for sample in dataset:
-        if ext not in sample:
-            raise ValueError(f"{path}: sample {sample['__key__']} has no {ext} member")
-        yield ShardSample(
-            key=sample["__key__"],
-            tokens=np.frombuffer(sample[ext], dtype=dtype),
-            meta=json.loads(sample["meta.json"]),
-        )
+    if ext not in sample:
+        other = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"no {ext} member (has {other})")
+    raw = sample[ext]
+    dtype = TOKEN_DTYPES[token_format]
+    if len(raw) % dtype.itemsize:
+        raise ValueError(f"{ext} holds {len(raw)} bytes, not a multiple of {dtype.itemsize}")
+    tokens = np.frombuffer(raw, dtype=dtype)
+    if "meta.json" not in sample:
+        raise ValueError("no meta.json member")
+    try:
+        meta = json.loads(sample["meta.json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"meta.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json is not a JSON object")
+    if meta.get("n_tokens", len(tokens)) != len(tokens):
+        raise ValueError(f"meta.json says {meta['n_tokens']} tokens, {ext} holds {len(tokens)}")
+    return ShardSample(key=sample["__key__"], tokens=tokens, meta=meta)
+
+
+def load_shard(url: str, token_format: str) -> ShardContents:
+    """Read one whole shard (a path or any webdataset URL, e.g. ``pipe:cat x.tar``), never raising
+    for damaged data: a truncated or corrupt tar ends the read and is reported in ``error``."""
+    errors: list[Exception] = []
+
+    def stop(exn: Exception) -> bool:
+        errors.append(exn)
+        return False  # webdataset's handler protocol: False stops reading this source
+
+    samples, bad = [], []
+    raw_samples = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=stop)
+    try:
+        for raw in raw_samples:
+            try:
+                samples.append(decode_sample(raw, token_format))
+            except ValueError as e:
+                bad.append((str(raw.get("__key__")), str(e)))
+    except Exception as e:  # noqa: BLE001 - any failure of the tar reader is a damaged shard
+        errors.append(e)
+    error = None
+    if errors:
+        first = errors[0]
+        # webdataset appends the stream and URL to the exception's args: keep the message.
+        text = first.args[0] if first.args and isinstance(first.args[0], str) else str(first)
+        error = f"{type(first).__name__}: {text}"
+    return ShardContents(samples=samples, bad_samples=bad, error=error)
 
 
 if __name__ == "__main__":

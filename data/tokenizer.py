@@ -129,6 +129,10 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def piece_to_id(self, piece: str) -> int:
+        """The id of ``piece``; unk_id if the vocabulary has no such piece."""
+        return self._sp.piece_to_id(piece)
+
     def __repr__(self) -> str:
         sha = self.sha256[:12]
         return f"Tokenizer(path={self.path}, vocab_size={self.vocab_size}, sha256={sha})"

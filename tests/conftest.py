@@ -30,4 +30,15 @@ def tiny_prepared_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_mlm_data(tmp_path_factory):
+    """A smaller prepared directory whose tokenizer has the "<mask>" piece (objective=mlm)."""
+    from data.prepare import PrepareArgs, prepare
+
+    out = tmp_path_factory.mktemp("tiny_mlm_data")
+    settings = {**TINY_PREPARE, "max_docs": 24, "user_defined_symbols": ("<mask>",)}
+    prepare(PrepareArgs(out=str(out), **settings))
+    return out
+
+
 # ---- end of data fixtures -------------------------------------------------------------------

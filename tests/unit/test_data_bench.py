@@ -1,0 +1,40 @@
+"""The data benchmark runs end to end (quick mode) and writes a consistent JSON report.
+
+Run:  pytest tests/unit/test_data_bench.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_data_benchmark_writes_its_report(tmp_path):
+    out = tmp_path / "data.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.data", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    prep = report["prepare"]
+    assert set(prep) == {"end_to_end", "encode_workers1", "encode_workers2"}
+    assert prep["end_to_end"]["docs"] == report["settings"]["max_docs"] == 40
+    assert prep["encode_workers1"]["tokens"] == prep["encode_workers2"]["tokens"] > 0
+    assert all(p["docs_per_s"] > 0 and p["seconds"] > 0 for p in prep.values())
+    loader = report["loader"]
+    assert [(r["num_workers"], r["doc_start_at_boundary"], r["objective"]) for r in loader] == [
+        (0, False, "clm"),
+        (2, False, "clm"),
+        (0, True, "clm"),
+        (0, False, "mlm"),
+    ]
+    assert all(r["batches"] > 0 and r["tokens_per_s"] > 0 for r in loader)
+    assert report["loader_tokens_per_s_per_process"] == loader[0]["tokens_per_s"]
+    assert report["meets_target"] == (loader[0]["tokens_per_s"] >= 1_000_000)
