@@ -275,3 +275,38 @@ def test_resume_may_change_seq_len_and_micro_batch(tiny_prepared_data, boundary)
     want = scored(islice(build_train_stream(args, 80, 1, seed=1), 40))
     got = np.concatenate([head, tail])
     assert len(want) > len(got) and np.array_equal(got, want[: len(got)])
+
+
+def test_http_urls_read_the_same_stream(tiny_prepared_data):
+    """Shards served over HTTP (a local server on 127.0.0.1) give the same batches."""
+    import functools
+    import http.server
+    import threading
+
+    root = tiny_prepared_data
+    n = len(read_manifest(root)["splits"]["train"]["shards"])
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    class Quiet(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # a reader closing early is fine
+            pass
+
+    server = Quiet(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/train-{{000000..{n - 1:06d}}}.tar"
+        plain = DataArgs(path=str(root), shuffle_buffer=5)
+        want = list(islice(build_train_stream(plain, 128, 2, dp_rank=0, dp_size=2, seed=3), 8))
+        stream = build_train_stream(
+            replace(plain, train_shards=url), 128, 2, dp_rank=0, dp_size=2, seed=3
+        )
+        got = list(islice(stream, 8))
+        for x, y in zip(got, want, strict=True):
+            assert all(torch.equal(x[k], y[k]) for k in y)
+    finally:
+        server.shutdown()
+        server.server_close()
