@@ -235,7 +235,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
                             "train/lr": stats.lr,
                             "train/grad_norm": stats.grad_norm,
                             "train/tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                        },
+                        }
+                        | {f"data/{k}": v for k, v in stream.stats().items()},
                     )
                     window_t, window_tokens = now, 0
                 if targs.eval_every and step % targs.eval_every == 0 and step < targs.steps:

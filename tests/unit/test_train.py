@@ -111,6 +111,7 @@ def test_training_run_learns_and_records_everything(data_dir, tmp_path, wandb_en
     for section, values in config_to_dict(cfg).items():
         assert values in logged, section
     assert b"train/loss" in raw and b"val/loss" in raw and b"train/tokens_per_s" in raw
+    assert b"data/skipped_samples" in raw and b"data/skipped_shards" in raw
     assert state["wandb_run_id"] in _wandb_file(run_dir).name
     # keep_last=2 of the checkpoints at 10, 20 and the final 30.
     assert CheckpointManager(CheckpointArgs(), run_dir).complete_steps() == [20, 30]
