@@ -1,0 +1,184 @@
+"""Per-rank bodies of the Megatron parity tests (module level so spawned ranks import them).
+
+`reference(case)` trains the single-process model (LocalEngine) on the whole global batch;
+`parity_rank` runs each `Run`: it builds the Layout, its Megatron groups and a MegatronEngine on
+this rank's share of the same batch (data-parallel rank d takes micro-batches [d*k, (d+1)*k)),
+trains the same steps (optionally resuming from a state_dict half-way) and returns its losses
+and its parameter shards named as in the single-process model.
+`assemble` puts the shards back together. Used by test_megatron_parity.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from model.sparse import SparsityConfig
+from model.transformer import ModelArgs, Transformer
+from train.engine import LocalEngine, OptimArgs, ScheduleArgs
+
+STEPS = 3
+SEED = 11
+
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny model and a global batch of `micro_batches` micro-batches per step."""
+
+    n_layers: int = 2
+    micro_batches: int = 4
+    micro_batch_size: int = 1
+    seq_len: int = 256
+    vocab_size: int = 250  # padded to 256 (or 512) rows: exercises the masked padded vocab
+    tie_embeddings: bool = True
+    attention: dict = field(
+        default_factory=lambda: dict(
+            block_size=16, window_blocks=3, global_blocks=1, random_blocks=2, causal=True, seed=3
+        )
+    )
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(
+            vocab_size=self.vocab_size,
+            d_model=32,
+            n_layers=self.n_layers,
+            n_heads=4,
+            mlp="swiglu",
+            ffn_hidden=64,
+            tie_embeddings=self.tie_embeddings,
+        )
+
+    def attn_cfg(self) -> SparsityConfig:
+        return SparsityConfig(**self.attention)
+
+
+OPTIM = OptimArgs(lr=3e-3, weight_decay=0.1, grad_clip=0.15)
+SCHEDULE = ScheduleArgs(warmup_steps=2, min_lr=3e-4)
+
+
+def batches(case: Case, step: int) -> list[dict[str, torch.Tensor]]:
+    """The global batch of optimizer step `step` (the same on every process)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for _ in range(case.micro_batches):
+        shape = (case.micro_batch_size, case.seq_len)
+        tokens = torch.randint(0, case.vocab_size, shape, generator=gen)
+        labels = torch.randint(0, case.vocab_size, shape, generator=gen)
+        loss_mask = (torch.rand(shape, generator=gen) > 0.2).float()
+        position_ids = torch.arange(case.seq_len).expand(shape).contiguous()
+        out.append(
+            dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids)
+        )
+    return out
+
+
+def reference(case: Case) -> dict:
+    """Losses, grad norms, token counts, final parameters and per-micro-batch validation
+    (loss sum, tokens) of the single-process run."""
+    model = Transformer(case.model_args(), case.attn_cfg(), seed=SEED)
+    engine = LocalEngine(model, OPTIM, SCHEDULE, total_steps=STEPS)
+    stats = [engine.train_step(batches(case, s), s) for s in range(STEPS)]
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return {
+        "losses": [s.loss for s in stats],
+        "grad_norms": [s.grad_norm for s in stats],
+        "n_tokens": [s.n_tokens for s in stats],
+        "val": [engine.eval_step(b) for b in batches(case, STEPS)],  # per micro-batch
+        "params": params,
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One parallel training run to compare with the single-process reference."""
+
+    degrees: dict
+    """ParallelArgs keys (tp, pp, cp, dp); dp is derived from the world size when left out."""
+    case: Case = field(default_factory=Case)
+    distributed_optimizer: bool = True
+    """Megatron's DistributedOptimizer (sharded AdamW state) or its plain data-parallel one."""
+    resume_after: int | None = None
+    """Rebuild the engine from the state_dict after this many steps (a resume)."""
+
+
+def parity_rank(rank: int, world: int, runs: list[Run]) -> list[dict]:
+    """Each run in turn on these ranks: STEPS steps of MegatronEngine on this rank's share,
+    then one eval_step; what to compare, per run."""
+    return [_parity_run(world, run) for run in runs]
+
+
+def _parity_run(world: int, run: Run) -> dict:
+    from parallel.layout import Layout
+    from train.config import ParallelArgs
+    from train.megatron_engine import MegatronEngine
+
+    case = run.case
+    layout = Layout.create(
+        ParallelArgs(**run.degrees), world, case.model_args(), case.attn_cfg(), case.seq_len
+    )
+    groups = layout.initialize()
+
+    def build() -> MegatronEngine:
+        return MegatronEngine(
+            case.model_args(),
+            case.attn_cfg(),
+            layout,
+            groups,
+            OPTIM,
+            SCHEDULE,
+            total_steps=STEPS,
+            seed=SEED,
+            distributed_optimizer=run.distributed_optimizer,
+        )
+
+    try:
+        engine = build()
+        per_dp = case.micro_batches // layout.dp
+        lo = groups.dp_rank * per_dp
+        stats = []
+        for step in range(STEPS):
+            if step == run.resume_after:
+                state = engine.state_dict()
+                engine = build()  # starts again from the seed's weights ...
+                engine.load_state_dict(state)  # ... and continues from the saved step
+            stats.append(engine.train_step(batches(case, step)[lo : lo + per_dp], step))
+        # Each dp rank evaluates its own batch; eval_step sums over all of them.
+        val = engine.eval_step(batches(case, STEPS)[groups.dp_rank])
+        shards = {
+            engine.stage.global_name(k): v.detach().clone()
+            for k, v in engine.stage.named_parameters()
+        }
+        dist.barrier()
+    finally:
+        Layout.destroy()
+    return {
+        "losses": [s.loss for s in stats],
+        "grad_norms": [s.grad_norm for s in stats],
+        "n_tokens": [s.n_tokens for s in stats],
+        "val": val,
+        "shards": shards,
+        "coords": (groups.tp_rank, groups.pp_rank, groups.cp_rank, groups.dp_rank),
+    }
+
+
+def assemble(results: list[dict], case: Case) -> dict[str, torch.Tensor]:
+    """The single-process parameters from the shards of the (cp, dp) = (0, 0) ranks, after
+    checking that every cp / dp replica (and the tied embedding's copies) agree exactly."""
+    from model.parallel_transformer import unshard_param
+
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for res in results:
+        tp_rank = res["coords"][0]
+        for name, tensor in res["shards"].items():
+            held = pieces.setdefault(name, {})
+            if tp_rank in held:
+                if not torch.equal(held[tp_rank], tensor):
+                    raise AssertionError(f"replicas of {name} (tp rank {tp_rank}) differ")
+            else:
+                held[tp_rank] = tensor
+    return {
+        name: unshard_param(name, [held[r] for r in sorted(held)], case.model_args())
+        for name, held in pieces.items()
+    }
