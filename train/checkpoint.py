@@ -6,19 +6,23 @@
 
 Layout under `dir` (default `<run_dir>/checkpoints`):
 
-    step_000100/state.pt     a complete checkpoint
+    step_000100/state.pt     a complete checkpoint of a one-process run
+    step_000100/state_rank00003.pt   ... of rank 3 of a multi-process run (one file per rank),
+    step_000100/meta.json    with the world size that wrote it
     step_000200.tmp/         being written (or left by a crash): never loaded, removed later
     latest                   "step_000200", replaced atomically after the rename
 
-A checkpoint is written into `step_N.tmp/`, flushed, then renamed to `step_N/`; only then is
-`latest` replaced (tmp file + rename). A kill at any point leaves either the previous complete
-checkpoint or the new one, never a half-written directory that `load_latest` would pick.
+A checkpoint is written into `step_N.tmp/` (every rank its file, flushed), then, after every
+rank has finished (a barrier), rank 0 renames it to `step_N/`; only then is `latest` replaced
+(tmp file + rename). A kill at any point leaves either the previous complete checkpoint or the
+new one, never a half-written directory that `load_latest` would pick.
 The state is a plain `torch.save` dict for this slice; issue 7 moves to sharded
 dist_checkpointing behind this same class.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -36,6 +40,11 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STATE_FILE = "state.pt"
+_META_FILE = "meta.json"
+
+
+def _no_barrier() -> None:
+    pass
 
 
 @dataclass
@@ -59,9 +68,20 @@ class CheckpointArgs:
 class CheckpointManager:
     """Saves, finds and loads whole-run checkpoints of one single-process run."""
 
-    def __init__(self, args: CheckpointArgs, run_dir: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        args: CheckpointArgs,
+        run_dir: str | os.PathLike,
+        rank: int = 0,
+        world: int = 1,
+        barrier=_no_barrier,
+    ) -> None:
+        """rank/world/barrier: a multi-process run; every rank calls save and load_latest with
+        its own state, `barrier` is a collective over all of them (dist.barrier)."""
         self.args = args
         self.dir = Path(args.dir) if args.dir else Path(run_dir) / "checkpoints"
+        self.rank, self.world, self.barrier = rank, world, barrier
+        self.state_file = _STATE_FILE if world == 1 else f"state_rank{rank:05d}.pt"
 
     def should_save(self, step: int) -> bool:
         return self.args.every > 0 and step % self.args.every == 0
@@ -73,7 +93,7 @@ class CheckpointManager:
         steps = []
         for entry in self.dir.iterdir():
             match = _STEP_DIR.match(entry.name)
-            if match and (entry / _STATE_FILE).is_file():
+            if match and ((entry / _META_FILE).is_file() or (entry / _STATE_FILE).is_file()):
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
@@ -82,22 +102,34 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any], config: dict[str, Any]) -> Path:
         """Write `state` (plus version, step and the resolved config) as checkpoint `step`."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._remove_partial()
         final = self.path_of(step)
         tmp = final.with_name(final.name + ".tmp")
-        tmp.mkdir()
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._remove_partial()
+            tmp.mkdir()
+        self.barrier()  # the directory exists for every rank
         payload = {**state, "version": STATE_VERSION, "step": step, "config": config}
-        with open(tmp / _STATE_FILE, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving a step (a resumed run that ends where it started)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._write_latest(final.name)
-        self._apply_retention()
-        log.info("saved checkpoint %s", final)
+        try:
+            with open(tmp / self.state_file, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(
+                f"cannot write checkpoint {tmp / self.state_file}: {e.strerror or e} "
+                "(disk full or no permission?); the previous checkpoint is untouched"
+            ) from e
+        self.barrier()  # every rank's file is on disk
+        if self.rank == 0:
+            (tmp / _META_FILE).write_text(json.dumps({"step": step, "world": self.world}))
+            if final.exists():  # re-saving a step (a resumed run that ends where it started)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._write_latest(final.name)
+            self._apply_retention()
+            log.info("saved checkpoint %s", final)
+        self.barrier()  # nobody looks for the checkpoint before it is committed
         return final
 
     def load_latest(self, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -106,7 +138,15 @@ class CheckpointManager:
         steps = self.complete_steps()
         if not steps:
             return None
-        path = self.path_of(steps[-1]) / _STATE_FILE
+        meta_path = self.path_of(steps[-1]) / _META_FILE
+        if meta_path.is_file():
+            world = json.loads(meta_path.read_text())["world"]
+            if world != self.world:
+                raise ValueError(
+                    f"checkpoint {meta_path.parent} was written by {world} processes; this run "
+                    f"has {self.world} (resuming under another world size is not supported yet)"
+                )
+        path = self.path_of(steps[-1]) / self.state_file
         # weights_only=False: the state holds RNG states and the config, and is our own file.
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("version") != STATE_VERSION:

@@ -13,14 +13,17 @@ wandb (step N = N optimizer updates done); the random-block draw of update N use
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -30,11 +33,14 @@ from model.sparse import sparse_attention
 from model.transformer import Transformer
 from train.checkpoint import CheckpointManager
 from train.config import Config, config_to_dict, save_config
-from train.engine import LocalEngine
+from train.engine import Engine, LocalEngine
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
 
 __all__ = ["train", "TrainResult", "seed_everything", "check_data"]
+
+DIST_TIMEOUT = timedelta(minutes=10)
+"""A collective that waits longer than this fails (naming the group) instead of hanging."""
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +98,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _refuse_multi_rank(cfg: Config) -> None:
-    for name in ("tp", "pp", "cp", "dp"):
-        degree = getattr(cfg.parallel, name)
-        if degree is not None and degree > 1:
+@dataclass
+class _Dist:
+    """This process's place in a torchrun / deepspeed launch (world 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> _Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and "MASTER_ADDR" not in os.environ:
             raise ValueError(
-                f"parallel.{name}={degree}: this trainer runs a single process; multi-rank "
-                "training (tp/pp/cp/dp > 1) comes with the parallel layout"
+                f"WORLD_SIZE={world} but MASTER_ADDR is not set: start multi-process runs with "
+                "torchrun (e.g. torchrun --nproc-per-node 4 -m train --config ...)"
             )
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _needs_megatron(cfg: Config, world: int) -> bool:
+    par = cfg.parallel
+    return world > 1 or any((d or 1) > 1 for d in (par.tp, par.pp, par.cp, par.dp))
 
 
 def check_data(cfg: Config) -> dict[str, Any]:
@@ -128,14 +156,43 @@ def _device(name: str) -> torch.device:
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
-    """Run (or continue, with `resume`) the training described by `cfg`."""
+    """Run (or continue, with `resume`) the training described by `cfg`.
+
+    One process: the single-process LocalEngine. Under torchrun (WORLD_SIZE > 1) or with any
+    parallel degree > 1: the Megatron-core engine on the layout `cfg.parallel`, checked before
+    any process group is created; rank 0 alone writes the config, the wandb run and the
+    console progress.
+    """
     t0 = time.perf_counter()
     targs = cfg.train
-    _refuse_multi_rank(cfg)
+    env = _Dist.from_env()
+    layout = None
+    if _needs_megatron(cfg, env.world):
+        from parallel.layout import Layout
+
+        layout = Layout.create(cfg.parallel, env.world, cfg.model, cfg.attention, targs.seq_len)
     manifest = check_data(cfg)
     run_dir = Path(targs.run_dir)
     config_dict = config_to_dict(cfg)
-    ckpt = CheckpointManager(cfg.checkpoint, run_dir)
+    device = _device(targs.device)
+    own_group = False
+    if env.world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        own_group = True
+    try:
+        return _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
+    finally:
+        if layout is not None:
+            layout.destroy()
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0) -> TrainResult:
+    targs = cfg.train
+    ckpt = CheckpointManager(cfg.checkpoint, run_dir, env.rank, env.world, env.barrier)
     if not resume and ckpt.complete_steps():
         raise ValueError(
             f"{ckpt.dir} already holds checkpoints (newest step {ckpt.complete_steps()[-1]}); "
@@ -143,11 +200,31 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         )
 
     seed_everything(targs.seed)
-    device = _device(targs.device)
-    model = Transformer(cfg.model, cfg.attention, attention_fn=sparse_attention, seed=targs.seed)
-    engine = LocalEngine(model, cfg.optim, cfg.schedule, targs.steps, device)
+    engine: Engine
+    dp_rank, dp_size = 0, 1
+    if layout is None:
+        model = Transformer(
+            cfg.model, cfg.attention, attention_fn=sparse_attention, seed=targs.seed
+        )
+        engine = LocalEngine(model, cfg.optim, cfg.schedule, targs.steps, device)
+        n_params = model.num_params()
+    else:
+        from train.megatron_engine import MegatronEngine
+
+        groups = layout.initialize()
+        engine = MegatronEngine(
+            cfg.model, cfg.attention, layout, groups, cfg.optim, cfg.schedule,
+            total_steps=targs.steps, seed=targs.seed, device=device,
+        )  # fmt: skip
+        n_params = sum(p.numel() for p in engine.stage.parameters())
+        dp_rank, dp_size = groups.dp_rank, layout.dp
+        log.info(
+            "rank %d of %d: layout tp=%d pp=%d cp=%d dp=%d, coordinates tp %d pp %d cp %d dp %d",
+            env.rank, env.world, layout.tp, layout.pp, layout.cp, layout.dp,
+            groups.tp_rank, groups.pp_rank, groups.cp_rank, groups.dp_rank,
+        )  # fmt: skip
     stream = build_train_stream(
-        cfg.data, targs.seq_len, targs.micro_batch_size, dp_rank=0, dp_size=1, seed=targs.seed
+        cfg.data, targs.seq_len, targs.micro_batch_size, dp_rank, dp_size, seed=targs.seed
     )
     val_batches = build_val_batches(
         cfg.data, targs.seq_len, targs.micro_batch_size, targs.eval_batches
@@ -174,17 +251,26 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         log.info("resuming from step %d of %d", result.steps, targs.steps)
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", ckpt.dir)
-    save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsLogger(cfg.logging, run_dir, config_dict, resume_id=resume_id)
-    result.wandb_dir = metrics.run_dir
-    log.info(
-        "model %.2fM parameters on %s; data %s (%s train tokens, vocab %d)",
-        model.num_params() / 1e6,
-        device,
-        cfg.data.path,
-        f"{manifest['splits']['train']['tokens']:,}",
-        manifest["tokenizer"]["vocab_size"],
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsLogger(
+        cfg.logging if env.is_main else replace(cfg.logging, wandb_mode="disabled"),
+        run_dir,
+        config_dict,
+        resume_id=resume_id,
+        console=env.is_main,
     )
+    result.wandb_dir = metrics.run_dir
+    if env.is_main:
+        log.info(
+            "model %.2fM parameters%s on %s; data %s (%s train tokens, vocab %d)",
+            n_params / 1e6,
+            "" if layout is None else " on rank 0",
+            device,
+            cfg.data.path,
+            f"{manifest['splits']['train']['tokens']:,}",
+            manifest["tokenizer"]["vocab_size"],
+        )
 
     def save() -> None:
         payload = {
@@ -211,7 +297,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         initial=result.steps,
         desc="train",
         unit="step",
-        disable=not cfg.logging.progress_bar,
+        disable=not (cfg.logging.progress_bar and env.is_main),
         dynamic_ncols=True,
     )
     try:

@@ -71,8 +71,11 @@ class MetricsLogger:
         run_dir: str | os.PathLike,
         config: dict[str, Any],
         resume_id: str | None = None,
+        console: bool = True,
     ) -> None:
+        """console=False: no console lines (the other ranks of a multi-process run)."""
         self.args = args
+        self.console = console
         self.mode = resolve_wandb_mode(args.wandb_mode)
         self.run: Any = None
         if self.mode == "disabled":
@@ -104,7 +107,7 @@ class MetricsLogger:
         return self.run.dir if self.run is not None else None
 
     def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
-        if console:
+        if console and self.console:
             log.info("step %d | %s", step, " | ".join(_fmt(k, v) for k, v in metrics.items()))
         if self.run is not None:
             self.run.log(metrics, step=step)

@@ -168,8 +168,9 @@ def test_vocab_smaller_than_tokenizer_is_refused(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["tp", "pp", "cp", "dp"])
-def test_multi_rank_degrees_are_refused(tmp_path, key):
-    with pytest.raises(ValueError, match=rf"parallel\.{key}=2.*parallel layout"):
+def test_layout_larger_than_the_world_is_refused_before_anything(tmp_path, key):
+    """One process cannot hold a layout of 2: refused before data, groups or files."""
+    with pytest.raises(ValueError, match=rf"parallel\.{key}=2.*world size 1"):
         train(_cfg(tmp_path, tmp_path / "run", f"parallel.{key}=2"))
 
 
