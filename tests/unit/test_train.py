@@ -216,3 +216,59 @@ def test_checkpoint_refuses_other_model_and_version(tmp_path):
     torch.save(state, manager.path_of(1) / "state.pt")
     with pytest.raises(ValueError, match="version 99"):
         manager.load_latest()
+
+
+_SLOW_SAVER = """
+import sys, torch
+from train.checkpoint import CheckpointArgs, CheckpointManager
+manager = CheckpointManager(CheckpointArgs(keep_last=0), sys.argv[1])
+manager.save(2, {"w": torch.ones(4)}, {"model": {}})
+print("saved 2", flush=True)
+# ~400 MB: the write takes long enough to be killed half way
+manager.save(4, {"w": [torch.ones(10_000_000) for _ in range(10)]}, {"model": {}})
+print("saved 4", flush=True)
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "saved 2"
+        partial = tmp_path / "checkpoints" / "step_000004.tmp" / "state.pt"
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert time.monotonic() < deadline and proc.poll() is None, "save never started"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    manager = CheckpointManager(CheckpointArgs(), tmp_path)
+    assert manager.complete_steps() == [2]
+    state = manager.load_latest()
+    assert state["step"] == 2 and torch.equal(state["w"], torch.ones(4))
+
+
+def test_disk_full_names_the_file_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+
+    manager = CheckpointManager(CheckpointArgs(), tmp_path)
+    manager.save(1, {"w": torch.ones(1)}, {"model": {}})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"step_000002\.tmp/state\.pt: No space left.*disk full"):
+        manager.save(2, {"w": torch.ones(1)}, {"model": {}})
+    monkeypatch.undo()
+    assert manager.complete_steps() == [1] and manager.load_latest()["step"] == 1
