@@ -13,6 +13,8 @@ vocab_parallel_cross_entropy. Attention is `cp_sparse_attention` on the cp group
 the sequence already sharded (parallel.layout.shard_sequence): a rank sees n = N / cp tokens
 and their global positions. The weights are the single-process `Transformer(args, seed=seed)`'s,
 sliced (`shard_param`): that is what makes the parallel run comparable to one process.
+With `params_dtype=torch.bfloat16` the weights and the activations between blocks and stages
+are bf16 (the logits and the loss fp32); `ModelArgs.recompute` checkpoints every block.
 Pipeline stages other than the first take their input from `set_input_tensor` ([n, b, c], the
 layout Megatron's schedules send) and all but the last return that layout too.
 Shapes: b batch, n local tokens, c d_model, v vocab; V the padded vocab.
@@ -39,7 +41,7 @@ from torch import nn
 
 from model.layers import RMSNorm
 from model.sparse import SparsityConfig, sparse_attention
-from model.transformer import Block, ModelArgs, Transformer
+from model.transformer import Block, ModelArgs, Transformer, run_blocks
 from parallel.context_parallel import cp_sparse_attention
 from parallel.layout import Layout, ParallelGroups
 
@@ -53,10 +55,13 @@ __all__ = [
 ]
 
 
-def megatron_config(layout: Layout, args: ModelArgs) -> TransformerConfig:
-    """The config our layers and Megatron's schedules read: fp32, CPU allocation, no Megatron
-    init (the weights are copied from the single-process model). A TransformerConfig rather than
-    a ModelParallelConfig because the schedules read its fields (hidden_size for the p2p shape
+def megatron_config(
+    layout: Layout, args: ModelArgs, params_dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """The config our layers and Megatron's schedules read: `params_dtype` (fp32 or bf16) for
+    the weights and the pipeline's p2p activations, CPU allocation, no Megatron init (the
+    weights are copied from the single-process model). A TransformerConfig rather than a
+    ModelParallelConfig because the schedules read its fields (hidden_size for the p2p shape
     [n, b, hidden], calculate_per_token_loss: our loss function already divides by the step's
     tokens)."""
     return TransformerConfig(
@@ -67,8 +72,9 @@ def megatron_config(layout: Layout, args: ModelArgs) -> TransformerConfig:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=True,
         perform_initialization=False,
         calculate_per_token_loss=True,
@@ -173,6 +179,7 @@ class ParallelTransformer(nn.Module):
         groups: ParallelGroups,
         seed: int = 0,
         full: Transformer | None = None,
+        params_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
@@ -180,7 +187,7 @@ class ParallelTransformer(nn.Module):
         self.attn_cfg = attn_cfg
         self.layout = layout
         self.groups = groups
-        self.config = megatron_config(layout, args)
+        self.config = megatron_config(layout, args, params_dtype)
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage
         self.padded_vocab = layout.padded_vocab(args.vocab_size)
@@ -218,6 +225,10 @@ class ParallelTransformer(nn.Module):
             # first/last-stage all-reduce then adds matching, already reduced, shards.
             tied.shared_embedding = True  # type: ignore[attr-defined]
         self.load_full(full if full is not None else Transformer(args, attn_cfg, seed=seed))
+        # bf16: every parameter (the norms' too) in bf16, the cast Megatron's Float16Module
+        # makes. Its wrapper is not needed: the inputs are integer tokens and the logits are
+        # already returned in fp32.
+        self.to(params_dtype)
 
     def global_name(self, name: str) -> str:
         """The single-process parameter name of local parameter `name`."""
@@ -262,8 +273,7 @@ class ParallelTransformer(nn.Module):
             if self.input_tensor is None:
                 raise RuntimeError("a non-first pipeline stage needs set_input_tensor first")
             x = self.input_tensor.transpose(0, 1)
-        for block in self.blocks:
-            x = block(x, position_ids_bn, step, padding_mask_bn)
+        x = run_blocks(self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute)
         if not self.post_process:
             return x.transpose(0, 1).contiguous()
         assert self.norm is not None and self.lm_head is not None

@@ -6,12 +6,14 @@
     logits = model(tokens_bn, position_ids_bn, step=0)          # [b, n, vocab]
     loss_sum, n_tokens = lm_loss(logits, labels_bn, loss_mask_bn)
 
-Each block is x + attn(norm(x)), then x + mlp(norm(x)). The attention layer computes q, k, v
+Each block is x + attn(norm(x)), then x + mlp(norm(x)); `ModelArgs.recompute` checkpoints every
+block (activation recomputation, `run_blocks`). The attention layer computes q, k, v
 as [b, h, n, d], rotates q and k with RoPE at `position_ids` (global positions, so a
 context-parallel rank passes its own slice of positions) and calls
 `attention_fn(q, k, v, attn_cfg, layer=i, step=step, padding_mask=...)`: single-device
 `sparse_attention` here, the context-parallel exchange in issue 4. Shapes: b batch, n tokens,
-h heads, d head dim, v vocab.
+h heads, d head dim, v vocab. In bf16 (parameters or autocast) the attention function is
+called in fp32 and its output cast back: the softmax and its log-sum-exp stay exact.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.layers import MLP, Linears, LocalLinears, RMSNorm
 from model.rope import apply_rope
 from model.sparse import SparsityConfig
 
-__all__ = ["ModelArgs", "Transformer", "lm_loss", "AttentionFn"]
+__all__ = ["ModelArgs", "Transformer", "lm_loss", "run_blocks", "AttentionFn"]
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -57,6 +60,11 @@ class ModelArgs:
     """Share the token embedding with the LM head."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
+    recompute: bool = False
+    """Activation recomputation: keep only each block's input during the forward and recompute
+    the block's activations during the backward (torch.utils.checkpoint, non-reentrant). Same
+    gradients, less memory, about one extra forward of compute. The random-block draw depends on
+    (seed, step, layer) only, so the recomputed attention pattern is the original one."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -76,6 +84,8 @@ class ModelArgs:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden!r} must be positive or null")
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"model.mlp={self.mlp!r} must be 'swiglu' or 'gelu'")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"model.recompute={self.recompute!r} must be true or false")
         for name in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive")
@@ -129,7 +139,22 @@ class Attention(nn.Module):
         q_bhnd, k_bhnd, v_bhnd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
         k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)
-        o_bhnd = self.attention_fn(
+        device_type = x_bnc.device.type
+        low_precision = q_bhnd.dtype in (torch.bfloat16, torch.float16)
+        if not (low_precision or torch.is_autocast_enabled(device_type)):
+            o_bhnd = self._attend(q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn)
+        else:
+            # bf16 / autocast: the attention math (scores, softmax, log-sum-exp) stays in fp32.
+            # The CPU kernel keeps its log-sum-exp in the input dtype and, under autocast, mixes
+            # bf16 matmul outputs with fp32 buffers; fp32 inputs avoid both.
+            with torch.autocast(device_type, enabled=False):
+                o_bhnd = self._attend(
+                    q_bhnd.float(), k_bhnd.float(), v_bhnd.float(), step, padding_mask_bn
+                ).to(q_bhnd.dtype)
+        return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
+
+    def _attend(self, q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn) -> torch.Tensor:
+        return self.attention_fn(
             q_bhnd,
             k_bhnd,
             v_bhnd,
@@ -138,7 +163,6 @@ class Attention(nn.Module):
             step=step,
             padding_mask=padding_mask_bn,
         )
-        return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
 
 
 class Block(nn.Module):
@@ -222,12 +246,32 @@ class Transformer(nn.Module):
             position_ids_bn = torch.arange(tokens_bn.shape[1], device=tokens_bn.device)
             position_ids_bn = position_ids_bn.expand_as(tokens_bn)
         x = self.embed(tokens_bn)
-        for block in self.blocks:
-            x = block(x, position_ids_bn, step, padding_mask_bn)
+        x = run_blocks(self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute)
         return self.lm_head(self.norm(x)).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    step: int,
+    padding_mask: torch.Tensor | None,
+    recompute: bool,
+) -> torch.Tensor:
+    """`x` through `blocks` in order; with `recompute` (and gradients on) each block is an
+    activation checkpoint: only its input is kept, its activations are recomputed in the
+    backward. Non-reentrant checkpointing, so the gradients still reach the parameters through
+    the original graph (what Megatron's DDP hooks watch) and communication inside a block (tp
+    all-reduce, cp exchanges) simply runs again, in the same order on every rank."""
+    for block in blocks:
+        if recompute and torch.is_grad_enabled():
+            x = checkpoint(block, x, position_ids, step, padding_mask, use_reentrant=False)
+        else:
+            x = block(x, position_ids, step, padding_mask)
+    return x
 
 
 def lm_loss(

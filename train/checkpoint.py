@@ -178,7 +178,10 @@ class CheckpointManager:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint whose model differs; warn about other changed settings."""
-    saved_model, current_model = saved.get("model", {}), current.get("model", {})
+    # Switches that change memory or speed but not the math may differ on resume.
+    free = {"recompute"}
+    saved_model = {k: v for k, v in saved.get("model", {}).items() if k not in free}
+    current_model = {k: v for k, v in current.get("model", {}).items() if k not in free}
     diffs = [
         f"model.{key}={saved_model.get(key)!r} (config: {current_model.get(key)!r})"
         for key in sorted(set(saved_model) | set(current_model))

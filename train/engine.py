@@ -22,7 +22,10 @@ from torch import nn
 
 from model.transformer import lm_loss
 
-__all__ = ["OptimArgs", "ScheduleArgs", "StepStats", "Engine", "LocalEngine", "lr_at"]
+__all__ = ["PRECISIONS", "OptimArgs", "ScheduleArgs", "StepStats", "Engine", "LocalEngine", "lr_at"]
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""optim.precision values and their dtypes."""
 
 
 @dataclass
@@ -39,6 +42,12 @@ class OptimArgs:
     """Adam's epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: str = "fp32"
+    """"fp32" or "bf16". Megatron engine: bf16 parameters, activations and gradients, gradients
+    accumulated and reduced in an fp32 buffer, AdamW on fp32 master weights (Megatron's mixed
+    precision optimizer; no loss scaling, bf16 has fp32's range). Local engine: fp32
+    parameters and optimizer with the forward under torch.autocast(bfloat16) (bf16 matmuls).
+    Either way the attention's softmax runs in fp32."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -51,6 +60,15 @@ class OptimArgs:
             raise ValueError(f"optim.eps={self.eps!r} must be positive")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip={self.grad_clip!r} must be >= 0 (0 = off)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"optim.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}"
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of `precision`."""
+        return PRECISIONS[self.precision]
 
 
 @dataclass
@@ -127,7 +145,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 class LocalEngine:
-    """Single-process engine: torch AdamW, global-norm clipping, warmup + cosine schedule."""
+    """Single-process engine: torch AdamW, global-norm clipping, warmup + cosine schedule.
+
+    With optim.precision="bf16" the forward runs under torch.autocast(bfloat16) (on CPU too);
+    parameters, gradients and the AdamW state stay fp32, so there are no separate master
+    weights here, unlike the Megatron engine (bf16 parameters, fp32 master copies)."""
 
     def __init__(
         self,
@@ -155,7 +177,9 @@ class LocalEngine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["tokens"], batch["position_ids"], step=step)
+        bf16 = self.optim_args.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = self.model(batch["tokens"], batch["position_ids"], step=step)
         return lm_loss(logits, batch["labels"], batch["loss_mask"])
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:

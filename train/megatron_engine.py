@@ -18,6 +18,19 @@ and divide by the tokens of the whole step; the optimizer clips by the global no
 Learning rate and weight decay follow train.engine's schedule (lr_at), set on Megatron's
 parameter groups each step. The result equals the single-process `LocalEngine` step on the
 concatenated micro-batches of all data-parallel ranks (tests/distributed/test_megatron_parity.py).
+Switches:
+- `optim.precision="bf16"`: the stage's parameters, activations and gradients are bf16; DDP
+  accumulates and reduces the gradients in an fp32 buffer (`grad_reduce_in_fp32`) and Megatron's
+  mixed-precision optimizer (OptimizerConfig(bf16=True)) steps fp32 master weights (with the
+  DistributedOptimizer: this rank's shard of them) and copies them back to the bf16
+  parameters. No loss scaling (bf16 has fp32's exponent range). The fp32 master weights are
+  part of `state_dict`, so a resume continues exactly.
+- `model.recompute`: every block is an activation checkpoint (model.transformer.run_blocks).
+- `sequence_parallel=True` (constructor keyword): Megatron's tensor-parallel sequence-parallel
+  activations need CUDA and Apex / Transformer Engine norms. Without them the engine raises
+  ValueError saying so (`sequence_parallel_unavailable`); with them it raises
+  NotImplementedError: this stage keeps [b, n, c] activations and its own RMSNorm, and has not
+  been adapted to Megatron's [n, b, c] sequence split.
 On CPU, parallel.megatron_shims stands in for the CUDA calls; with `device="cuda"` (and an
 NCCL process group) the stage and the batches are moved to the GPU, which this slice has not
 run.
@@ -25,6 +38,7 @@ run.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +60,7 @@ from parallel.layout import Layout, ParallelGroups, shard_sequence
 from parallel.megatron_shims import apply_cpu_shims, cuda_typed_parameters
 from train.engine import Engine, OptimArgs, ScheduleArgs, StepStats, lr_at
 
-__all__ = ["MegatronEngine"]
+__all__ = ["MegatronEngine", "sequence_parallel_unavailable"]
 
 STATE_VERSION = 1
 
@@ -70,7 +84,10 @@ class MegatronEngine:
         full: Transformer | None = None,
         distributed_optimizer: bool = True,
         device: torch.device | str = "cpu",
+        sequence_parallel: bool = False,
     ) -> None:
+        if sequence_parallel:
+            _refuse_sequence_parallel(layout)
         apply_cpu_shims()
         self.device = torch.device(device)
         self.layout = layout
@@ -78,7 +95,10 @@ class MegatronEngine:
         self.optim_args = optim
         self.schedule_args = schedule
         self.total_steps = total_steps
-        self.stage = ParallelTransformer(model_args, attn_cfg, layout, groups, seed, full)
+        self.precision = optim.precision
+        self.stage = ParallelTransformer(
+            model_args, attn_cfg, layout, groups, seed, full, params_dtype=optim.dtype
+        )
         self.stage.to(self.device)  # before DDP builds its buffers on the parameters' device
         cuda_typed_parameters(self.stage)
         config = self.stage.config
@@ -102,7 +122,10 @@ class MegatronEngine:
                 adam_eps=optim.eps,
                 clip_grad=optim.grad_clip,
                 use_distributed_optimizer=distributed_optimizer,
-                params_dtype=torch.float32,
+                # bf16: Megatron's mixed-precision optimizer keeps fp32 master copies of the
+                # bf16 parameters (DistributedOptimizer: of this rank's shard) and steps those.
+                bf16=optim.precision == "bf16",
+                params_dtype=optim.dtype,
             ),
             [self.ddp],
             use_gloo_process_groups=False,
@@ -200,14 +223,33 @@ class MegatronEngine:
         chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         return [opt.optimizer for opt in chained]
 
+    def _master_params(self) -> list[list[list[torch.Tensor]]]:
+        """bf16: the fp32 master copies Megatron's mixed-precision optimizer steps, per
+        optimizer and parameter group (DistributedOptimizer: this rank's shards); fp32: none
+        (the optimizer steps the model's own parameters)."""
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        masters = []
+        for opt in chained:
+            groups = getattr(opt, "shard_fp32_from_float16_groups", None)
+            if groups is None:
+                groups = getattr(opt, "fp32_from_float16_groups", [])
+            masters.append(groups)
+        return masters
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shards: the stage's parameters and the AdamW state of the parameter
-        shards it updates, with the layout they belong to (resume needs the same layout)."""
+        """This rank's shards: the stage's parameters, the AdamW state of the parameter shards
+        it updates and, in bf16, their fp32 master weights, with the layout and precision they
+        belong to (resume needs the same)."""
         return {
             "version": STATE_VERSION,
             "layout": self._layout_key(),
+            "precision": self.precision,
             "model": self.stage.state_dict(),
             "optimizer": [opt.state_dict() for opt in self._torch_optimizers()],
+            "master_params": [
+                [[p.detach().clone() for p in group] for group in groups]
+                for groups in self._master_params()
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -221,7 +263,15 @@ class MegatronEngine:
                 f"the checkpoint was written with parallel (tp, pp, cp, dp) = {state['layout']} "
                 f"but this run uses {self._layout_key()}; resharding is not supported yet"
             )
+        precision = state.get("precision", "fp32")
+        if precision != self.precision:
+            raise ValueError(
+                f"the checkpoint was written with optim.precision={precision!r} but this run "
+                f"uses {self.precision!r}; changing precision on resume is not supported"
+            )
         self.stage.load_state_dict(state["model"])
+        if "master_params" in state:  # absent from fp32 states written before bf16 existed
+            self._load_master_params(state["master_params"])
         optimizers = self._torch_optimizers()
         if len(optimizers) != len(state["optimizer"]):
             raise ValueError(
@@ -230,6 +280,52 @@ class MegatronEngine:
             )
         for opt, opt_state in zip(optimizers, state["optimizer"], strict=True):
             opt.load_state_dict(opt_state)
+
+    @torch.no_grad()
+    def _load_master_params(self, saved: list[list[list[torch.Tensor]]]) -> None:
+        masters = self._master_params()
+        shapes = [[[p.shape for p in g] for g in groups] for groups in masters]
+        if shapes != [[[p.shape for p in g] for g in groups] for groups in saved]:
+            raise ValueError(
+                "the checkpoint's fp32 master weights do not match this run's optimizer "
+                "shards: it was written with other optimizer settings"
+            )
+        for groups, saved_groups in zip(masters, saved, strict=True):
+            for group, saved_group in zip(groups, saved_groups, strict=True):
+                for param, value in zip(group, saved_group, strict=True):
+                    param.copy_(value)
+
+
+def sequence_parallel_unavailable() -> str | None:
+    """Why Megatron's tensor-parallel sequence-parallel activations cannot be used here, or
+    None when CUDA and Apex / Transformer Engine norms are present."""
+    if not torch.cuda.is_available():
+        return (
+            "sequence_parallel=True needs CUDA: Megatron's tensor-parallel sequence-parallel "
+            "activations use Apex or Transformer Engine norms, which exist only on GPU, and "
+            "this machine has no CUDA device"
+        )
+    from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM
+
+    if not (HAVE_FUSED_LAYER_NORM or importlib.util.find_spec("transformer_engine")):
+        return (
+            "sequence_parallel=True needs NVIDIA Apex (apex.normalization) or Transformer "
+            "Engine for Megatron's sequence-parallel norms; neither is installed"
+        )
+    return None
+
+
+def _refuse_sequence_parallel(layout: Layout) -> None:
+    reason = sequence_parallel_unavailable()
+    if reason is not None:
+        raise ValueError(reason)
+    raise NotImplementedError(
+        "sequence_parallel=True with CUDA and Apex / Transformer Engine present is not wired "
+        "into this engine yet: the stage's blocks keep activations as [b, n, c] and its norms "
+        "are model.layers.RMSNorm, while Megatron's sequence-parallel layers split the first "
+        f"(sequence) dimension of [n, b, c] over the tp={layout.tp} ranks and expect norms "
+        "whose weight gradients they all-reduce"
+    )
 
 
 if TYPE_CHECKING:  # mypy checks that the loop can use this engine where it takes an Engine

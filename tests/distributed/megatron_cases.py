@@ -10,6 +10,7 @@ and its parameter shards named as in the single-process model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class Case:
     seq_len: int = 256
     vocab_size: int = 250  # padded to 256 (or 512) rows: exercises the masked padded vocab
     tie_embeddings: bool = True
+    recompute: bool = False
     attention: dict = field(
         default_factory=lambda: dict(
             block_size=16, window_blocks=3, global_blocks=1, random_blocks=2, causal=True, seed=3
@@ -48,6 +50,7 @@ class Case:
             mlp="swiglu",
             ffn_hidden=64,
             tie_embeddings=self.tie_embeddings,
+            recompute=self.recompute,
         )
 
     def attn_cfg(self) -> SparsityConfig:
@@ -101,6 +104,12 @@ class Run:
     """Megatron's DistributedOptimizer (sharded AdamW state) or its plain data-parallel one."""
     resume_after: int | None = None
     """Rebuild the engine from the state_dict after this many steps (a resume)."""
+    precision: str = "fp32"
+    """optim.precision of the run."""
+    steps: int = STEPS
+    """Optimizer steps to train (the schedule still spans max(STEPS, steps))."""
+    fixed_batch: bool = False
+    """Train every step on the batch of step 0 (a loss that can fall on random tokens)."""
 
 
 def parity_rank(rank: int, world: int, runs: list[Run]) -> list[dict]:
@@ -126,9 +135,9 @@ def _parity_run(world: int, run: Run) -> dict:
             case.attn_cfg(),
             layout,
             groups,
-            OPTIM,
+            dataclasses.replace(OPTIM, precision=run.precision),
             SCHEDULE,
-            total_steps=STEPS,
+            total_steps=max(STEPS, run.steps),
             seed=SEED,
             distributed_optimizer=run.distributed_optimizer,
         )
@@ -138,12 +147,19 @@ def _parity_run(world: int, run: Run) -> dict:
         per_dp = case.micro_batches // layout.dp
         lo = groups.dp_rank * per_dp
         stats = []
-        for step in range(STEPS):
+        for step in range(run.steps):
             if step == run.resume_after:
                 state = engine.state_dict()
                 engine = build()  # starts again from the seed's weights ...
                 engine.load_state_dict(state)  # ... and continues from the saved step
-            stats.append(engine.train_step(batches(case, step)[lo : lo + per_dp], step))
+            data = batches(case, 0 if run.fixed_batch else step)
+            stats.append(engine.train_step(data[lo : lo + per_dp], step))
+        # The gradient buffer of the last step (reduced where this rank owns it).
+        main_grads = {
+            engine.stage.global_name(k): v.main_grad.detach().clone()
+            for k, v in engine.stage.named_parameters()
+        }
+        master_dtypes = {p.dtype for groups in engine._master_params() for g in groups for p in g}
         # Each dp rank evaluates its own batch; eval_step sums over all of them.
         val = engine.eval_step(batches(case, STEPS)[groups.dp_rank])
         shards = {
@@ -159,6 +175,9 @@ def _parity_run(world: int, run: Run) -> dict:
         "n_tokens": [s.n_tokens for s in stats],
         "val": val,
         "shards": shards,
+        "main_grads": main_grads,
+        "param_dtypes": {v.dtype for v in shards.values()},
+        "master_dtypes": master_dtypes,
         "coords": (groups.tp_rank, groups.pp_rank, groups.cp_rank, groups.dp_rank),
     }
 
