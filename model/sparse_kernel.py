@@ -41,6 +41,17 @@ class KernelPlan:
     """bool [1 or B, nq, b, G], True = global key g is masked out for the query."""
     block: int
     scale: float
+    static_any: torch.Tensor | None = None
+    """bool [nq]: some entry of the query block is masked in static_blocked (any head)."""
+    global_any: torch.Tensor | None = None
+    """bool [nq]: some global key is masked for the query block (any sample)."""
+
+    def __post_init__(self) -> None:
+        # Most query blocks of a pattern mask nothing: their chunks skip the masked_fill.
+        if self.static_any is None:
+            self.static_any = self.static_blocked.any(dim=(2, 3)).any(dim=0).cpu()
+        if self.global_any is None:
+            self.global_any = self.global_blocked.any(dim=(2, 3)).any(dim=0).cpu()
 
     def to(self, device: torch.device | str) -> KernelPlan:
         def move(t):
@@ -56,6 +67,8 @@ class KernelPlan:
             move(self.global_blocked),
             self.block,
             self.scale,
+            self.static_any,
+            self.global_any,
         )
 
 
@@ -140,9 +153,12 @@ def _chunk_blocked(plan: KernelPlan, c0: int, c1: int) -> torch.Tensor:
 def _chunk_scores(q_chunk, kg, gk, plan, c0, c1):
     """Masked scores of one chunk: table part [B, H, C, b, M*b], global part [B, H, C, b, G]."""
     s = q_chunk @ kg.transpose(-1, -2)
-    s.masked_fill_(_chunk_blocked(plan, c0, c1), -math.inf)
+    assert plan.static_any is not None and plan.global_any is not None
+    if plan.sample_blocked is not None or bool(plan.static_any[c0:c1].any()):
+        s.masked_fill_(_chunk_blocked(plan, c0, c1), -math.inf)
     sg = q_chunk @ gk.unsqueeze(2).transpose(-1, -2)
-    sg.masked_fill_(plan.global_blocked[:, None, c0:c1], -math.inf)
+    if sg.shape[-1] and bool(plan.global_any[c0:c1].any()):
+        sg.masked_fill_(plan.global_blocked[:, None, c0:c1], -math.inf)
     return s, sg
 
 

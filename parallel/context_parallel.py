@@ -140,12 +140,16 @@ def _tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _in_order(outs: list[torch.Tensor], plan: RankPlan, block: int, lo: int) -> torch.Tensor:
-    """Interior then boundary rows, back in sequence order."""
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    if not (plan.interior.numel() and plan.boundary.numel()):
-        return out
-    order = _tokens(torch.cat([plan.interior, plan.boundary]), block) - lo
-    return out.index_select(2, torch.argsort(order).to(out.device))
+    """Interior then boundary rows, back in sequence order: written into one buffer (slice
+    assignment, so no concatenated copy is kept alongside it)."""
+    if len(outs) == 1:
+        return outs[0]
+    out = outs[0].new_empty(*outs[0].shape[:2], plan.interior.numel() * block + outs[1].shape[2],
+                            outs[0].shape[3])  # fmt: skip
+    for part, blocks in zip(outs, (plan.interior, plan.boundary), strict=True):
+        rows = (_tokens(blocks, block) - lo).to(out.device)
+        out.index_copy_(2, rows, part)
+    return out
 
 
 def _owned_rows(x: torch.Tensor, glob: GlobalSet, lo: int, n_local: int) -> torch.Tensor:

@@ -1,29 +1,41 @@
 """Train a language model from a YAML recipe.
 
     python -m data.prepare --out artifacts/data/stdlib --vocab-size 4096
-    python -m train --config configs/demo.yaml [--resume] [section.key=value ...]
+    python -m train --config configs/demo.yaml [--resume [yes|auto]] [section.key=value ...]
 
 Overrides use dotted keys, e.g. `train.steps=50 attention.window_blocks=5`. `--resume`
 continues from the newest complete checkpoint in the run's checkpoint directory (or starts
-fresh when there is none). The resolved config is written to `<train.run_dir>/config.yaml`.
+fresh, with a warning, when there is none); `--resume auto` does the same silently (the
+launchers pass it, so that a restarted or requeued job continues); under a torchrun restart
+resuming is the default. The resolved config is written to `<train.run_dir>/config.yaml`.
+Multi-process launches (torchrun, multi-node, the deepspeed launcher, SLURM): docs/launch.md.
+SIGTERM / SIGUSR1 stop the run after a checkpoint (exit status 0, "preempted" printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from train.config import load_config
-from train.loop import train
+from train.loop import RESUME_MODES, train
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML recipe (defaults apply when omitted)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest complete checkpoint"
+        "--resume",
+        nargs="?",
+        const="yes",
+        default="no",
+        choices=RESUME_MODES,
+        help="continue from the newest complete checkpoint (auto: only if there is one)",
     )
+    # The deepspeed launcher appends --local_rank=N (the rank also comes in LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -35,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 speaks for the run
+    if result.preempted:
+        print(
+            f"preempted: stopped after step {result.steps} of {cfg.train.steps} with a "
+            f"checkpoint; continue with --resume | run dir {result.run_dir}"
+        )
+        return 0
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(
         f"done: steps {result.steps} (this run {result.steps - result.start_step}), "

@@ -30,6 +30,7 @@ from data.loader import DataArgs
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
 from train.checkpoint import CheckpointArgs
+from train.deepspeed_engine import DeepSpeedArgs, deepspeed_refusal
 from train.engine import OptimArgs, ScheduleArgs
 from train.metrics import LoggingArgs
 
@@ -43,6 +44,9 @@ __all__ = [
     "config_from_dict",
     "parse_overrides",
 ]
+
+
+ENGINES = ("auto", "local", "megatron", "deepspeed")
 
 
 @dataclass
@@ -67,6 +71,11 @@ class TrainArgs:
     """Output directory: resolved config, checkpoints, wandb files."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
+    engine: str = "auto"
+    """Training engine: local (one process, torch AdamW), megatron (Megatron-core DDP and
+    distributed optimizer; tp, pp, cp, dp), deepspeed (DeepSpeed ZeRO over cp x dp, settings in
+    the deepspeed section) or auto (local for one process without parallel degrees, else
+    megatron)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_batches"):
@@ -78,6 +87,8 @@ class TrainArgs:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device={self.device!r} must be auto, cpu or cuda")
+        if self.engine not in ENGINES:
+            raise ValueError(f"train.engine={self.engine!r} must be one of {', '.join(ENGINES)}")
 
 
 @dataclass
@@ -112,6 +123,7 @@ class Config:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    deepspeed: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
 
     def __post_init__(self) -> None:
@@ -142,6 +154,10 @@ class Config:
             raise ValueError(
                 f"parallel.pp={par.pp} must divide model.n_layers={self.model.n_layers}"
             )
+        if self.train.engine == "deepspeed":
+            reason = deepspeed_refusal(par.tp, par.pp)
+            if reason is not None:
+                raise ValueError(reason)
         n_blocks = seq_len // attn.block_size
         if n_blocks % par.cp:
             raise ValueError(
@@ -170,6 +186,21 @@ def _describe(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _plain(value: Any) -> Any:
+    """A free-form value (a pass-through mapping such as deepspeed.config) with the override
+    texts inside it read as YAML."""
+    if isinstance(value, _Raw):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if isinstance(value, _Raw):
@@ -182,7 +213,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except yaml.YAMLError:
             value = str(value)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -4,10 +4,15 @@
     from train.loop import train
     result = train(load_config("configs/demo.yaml", ["train.steps=20"]), resume=False)
 
-Usually started through `python -m train --config configs/demo.yaml [--resume]`. The loop only
-orchestrates; the math lives in the model and the engine, the data in the stream, the files in
-the checkpoint manager and the metrics logger. Step numbers are 1-based in logs, checkpoints and
-wandb (step N = N optimizer updates done); the random-block draw of update N uses step N - 1.
+Usually started through `python -m train --config configs/demo.yaml [--resume]` (or a launcher,
+docs/launch.md). The loop only orchestrates; the math lives in the model and the engine, the
+data in the stream, the files in the checkpoint manager and the metrics logger. Engines
+(`train.engine`): LocalEngine (one process), MegatronEngine (tp/pp/cp/dp) or DeepSpeedEngine
+(ZeRO over dp x cp), whose own checkpoint (DeepSpeed's) is written next to the loop's, under
+`<checkpoint dir>/engine/step_N/`, before the loop's checkpoint of step N is committed.
+SIGTERM / SIGUSR1 stop every rank after the same step with a checkpoint (train.preemption).
+Step numbers are 1-based in logs, checkpoints and wandb (step N = N optimizer updates done);
+the random-block draw of update N uses step N - 1.
 """
 
 from __future__ import annotations
@@ -29,15 +34,25 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.loader import build_train_stream, build_val_batches
 from data.prepare import read_manifest
-from model.sparse import sparse_attention
-from model.transformer import Transformer
 from train.checkpoint import CheckpointManager
 from train.config import Config, config_to_dict, save_config
-from train.engine import Engine, LocalEngine
+from train.engine_choice import (
+    ExternalCheckpoint,
+    build_engine,
+    engine_kind,
+    engine_tag,
+    prune_engine_checkpoints,
+)
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
+from train.preemption import GracefulStop, fault_injection
 
-__all__ = ["train", "TrainResult", "seed_everything", "check_data"]
+__all__ = ["train", "TrainResult", "seed_everything", "check_data", "RESUME_MODES"]
+
+RESUME_MODES = ("no", "yes", "auto")
+"""no: refuse a run directory that holds checkpoints; yes: continue from the newest one (warn
+when there is none); auto: continue when there is one, else start (what torchrun restarts use).
+"""
 
 DIST_TIMEOUT = timedelta(minutes=10)
 """A collective that waits longer than this fails (naming the group) instead of hanging."""
@@ -63,6 +78,8 @@ class TrainResult:
     """Wall time of this process's training (setup included)."""
     wandb_dir: str | None = None
     run_dir: str = ""
+    preempted: bool = False
+    """Stopped early by SIGTERM / SIGUSR1 after writing a checkpoint of `steps`."""
 
     @property
     def val_loss(self) -> float | None:
@@ -125,9 +142,15 @@ class _Dist:
             dist.barrier()
 
 
-def _needs_megatron(cfg: Config, world: int) -> bool:
-    par = cfg.parallel
-    return world > 1 or any((d or 1) > 1 for d in (par.tp, par.pp, par.cp, par.dp))
+def resume_mode(resume: bool | str) -> str:
+    """One of RESUME_MODES; under a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) "no"
+    becomes "auto", so that a restarted job continues from its last checkpoint."""
+    mode = {True: "yes", False: "no"}.get(resume, resume) if isinstance(resume, bool) else resume
+    if mode not in RESUME_MODES:
+        raise ValueError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
+    if mode == "no" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return "auto"
+    return mode
 
 
 def check_data(cfg: Config) -> dict[str, Any]:
@@ -155,34 +178,51 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: Config, resume: bool = False) -> TrainResult:
-    """Run (or continue, with `resume`) the training described by `cfg`.
+def train(cfg: Config, resume: bool | str = False) -> TrainResult:
+    """Run (or continue, with `resume`: a bool or one of RESUME_MODES) the training of `cfg`.
 
-    One process: the single-process LocalEngine. Under torchrun (WORLD_SIZE > 1) or with any
-    parallel degree > 1: the Megatron-core engine on the layout `cfg.parallel`, checked before
-    any process group is created; rank 0 alone writes the config, the wandb run and the
-    console progress.
+    The engine is `engine_kind`: by default the single-process LocalEngine for one process,
+    and the Megatron-core engine under torchrun (WORLD_SIZE > 1) or with any parallel degree
+    > 1, on the layout `cfg.parallel`, checked before any process group is created; rank 0
+    alone writes the config, the wandb run and the console progress.
     """
     t0 = time.perf_counter()
     targs = cfg.train
     env = _Dist.from_env()
+    kind = engine_kind(cfg, env.world)
     layout = None
-    if _needs_megatron(cfg, env.world):
+    if kind != "local":
         from parallel.layout import Layout
 
         layout = Layout.create(cfg.parallel, env.world, cfg.model, cfg.attention, targs.seq_len)
+        if kind == "deepspeed":
+            from train.deepspeed_engine import deepspeed_refusal
+
+            reason = deepspeed_refusal(layout.tp, layout.pp)
+            if reason is not None:
+                raise ValueError(reason)
     manifest = check_data(cfg)
     run_dir = Path(targs.run_dir)
     config_dict = config_to_dict(cfg)
     device = _device(targs.device)
     own_group = False
-    if env.world > 1 and not dist.is_initialized():
+    if layout is not None and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if env.world > 1:
+            dist.init_process_group(backend, timeout=DIST_TIMEOUT)
+        else:  # one process without a launcher (the engines still want a process group)
+            from parallel.local_ranks import free_port
+
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts a launcher set it
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            )
         own_group = True
+    mode = resume_mode(resume)
     try:
-        return _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
+        return _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device, t0)
     finally:
         if layout is not None:
             layout.destroy()
@@ -190,37 +230,27 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0) -> TrainResult:
+def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device, t0) -> TrainResult:
     targs = cfg.train
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, env.rank, env.world, env.barrier)
-    if not resume and ckpt.complete_steps():
+    if mode == "no" and ckpt.complete_steps():
         raise ValueError(
             f"{ckpt.dir} already holds checkpoints (newest step {ckpt.complete_steps()[-1]}); "
             "pass --resume to continue that run, or choose another train.run_dir"
         )
+    engine_dir = ckpt.dir / "engine"
 
     seed_everything(targs.seed)
-    engine: Engine
+    engine = build_engine(cfg, kind, layout, device)
     dp_rank, dp_size = 0, 1
-    if layout is None:
-        model = Transformer(
-            cfg.model, cfg.attention, attention_fn=sparse_attention, seed=targs.seed
-        )
-        engine = LocalEngine(model, cfg.optim, cfg.schedule, targs.steps, device)
-        n_params = model.num_params()
-    else:
-        from train.megatron_engine import MegatronEngine
-
-        groups = layout.initialize()
-        engine = MegatronEngine(
-            cfg.model, cfg.attention, layout, groups, cfg.optim, cfg.schedule,
-            total_steps=targs.steps, seed=targs.seed, device=device,
-        )  # fmt: skip
-        n_params = sum(p.numel() for p in engine.stage.parameters())
+    # ZeRO-3 leaves each parameter empty outside its forward; ds_numel is its full size.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.model.parameters())
+    if layout is not None:
+        groups = engine.groups  # type: ignore[attr-defined]
         dp_rank, dp_size = groups.dp_rank, layout.dp
         log.info(
-            "rank %d of %d: layout tp=%d pp=%d cp=%d dp=%d, coordinates tp %d pp %d cp %d dp %d",
-            env.rank, env.world, layout.tp, layout.pp, layout.cp, layout.dp,
+            "rank %d of %d: %s engine, layout tp=%d pp=%d cp=%d dp=%d, coordinates tp %d pp %d "
+            "cp %d dp %d", env.rank, env.world, kind, layout.tp, layout.pp, layout.cp, layout.dp,
             groups.tp_rank, groups.pp_rank, groups.cp_rank, groups.dp_rank,
         )  # fmt: skip
     stream = build_train_stream(
@@ -231,7 +261,7 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
     )
     result = TrainResult(run_dir=str(run_dir))
     resume_id = None
-    state = ckpt.load_latest(config_dict) if resume else None
+    state = ckpt.load_latest(config_dict) if mode != "no" else None
     if state is not None:
         if state["tokenizer_sha256"] != manifest["tokenizer"]["sha256"]:
             raise ValueError(
@@ -240,7 +270,15 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
                 f"({manifest['tokenizer']['sha256'][:12]}...); resume with the data it was "
                 "trained on"
             )
+        if ("engine_tag" in state) != isinstance(engine, ExternalCheckpoint):
+            saved = state["config"].get("train", {}).get("engine", "auto")
+            raise ValueError(
+                f"the checkpoint in {ckpt.dir} was written with train.engine={saved}; this run "
+                f"uses the {kind} engine, which cannot read it: resume with train.engine={saved}"
+            )
         engine.load_state_dict(state["engine"])
+        if isinstance(engine, ExternalCheckpoint):
+            engine.load_checkpoint(engine_dir, state["engine_tag"])
         stream.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         resume_id = state["wandb_run_id"]
@@ -249,7 +287,9 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
         result.val_history = [tuple(v) for v in state["val_history"]]  # type: ignore[misc]
         result.tokens = state["tokens"]
         log.info("resuming from step %d of %d", result.steps, targs.steps)
-    elif resume:
+    elif mode == "auto":
+        log.info("--resume auto: no complete checkpoint in %s; starting from step 0", ckpt.dir)
+    elif mode == "yes":
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", ckpt.dir)
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -273,7 +313,12 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
         )
 
     def save() -> None:
+        extra = {}
+        if isinstance(engine, ExternalCheckpoint):  # written before the loop's commit
+            engine.save_checkpoint(engine_dir, engine_tag(result.steps))
+            extra["engine_tag"] = engine_tag(result.steps)
         payload = {
+            **extra,
             "engine": engine.state_dict(),
             "data": stream.state_dict(),
             "rng": _rng_state(),
@@ -284,6 +329,8 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
             "tokens": result.tokens,
         }
         ckpt.save(result.steps, payload, config_dict)
+        if isinstance(engine, ExternalCheckpoint) and env.is_main:
+            prune_engine_checkpoints(engine_dir, ckpt.complete_steps())
 
     def validate() -> None:
         val_loss = evaluate(engine, val_batches)
@@ -301,7 +348,7 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
         dynamic_ncols=True,
     )
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), GracefulStop() as stop:
             while result.steps < targs.steps:
                 micro_batches = [next(batches) for _ in range(targs.grad_accum)]
                 stats = engine.train_step(micro_batches, step=result.steps)
@@ -327,11 +374,20 @@ def _train(cfg, resume, env, layout, manifest, run_dir, config_dict, device, t0)
                     window_t, window_tokens = now, 0
                 if targs.eval_every and step % targs.eval_every == 0 and step < targs.steps:
                     validate()
-                if ckpt.should_save(step) and step < targs.steps:
+                saved = ckpt.should_save(step) and step < targs.steps
+                if saved:
                     save()
-            validate()
-            if result.start_step < result.steps or not ckpt.complete_steps():
-                save()
+                fault_injection(step, env.rank, env.world, run_dir)
+                if stop.agreed() and step < targs.steps:
+                    if not saved:
+                        save()
+                    log.warning("stopped by %s after step %d", stop.signal_name or "a peer", step)
+                    result.preempted = True
+                    break
+            if not result.preempted:
+                validate()
+                if result.start_step < result.steps or not ckpt.complete_steps():
+                    save()
         result.seconds = time.perf_counter() - t0
         metrics.summary(
             {

@@ -10,6 +10,7 @@ checkpoint to the same losses as the one-process run.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,22 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], tmp_path: Path, timeout: int) -> str:
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
+    """Run `cmd` in its own session; on a timeout kill the whole session (torchrun's workers
+    too, so no rank outlives the test)."""
+    proc = subprocess.Popen(
+        cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return stdout + stderr
 
 
 def _torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300) -> str:

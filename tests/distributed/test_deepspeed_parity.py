@@ -1,0 +1,133 @@
+"""DeepSpeed ZeRO 1 / 2 / 3 (with context parallelism) vs the single-process model, on gloo ranks.
+
+pytest tests/distributed/test_deepspeed_parity.py          (about a minute on 2 cores)
+
+The tiny model of megatron_cases trains 3 AdamW steps (clipping active, 2 micro-batches per rank
+accumulated by DeepSpeed) with train.deepspeed_engine.DeepSpeedEngine on DP2 (2 ranks) and on
+CP2 x DP2 (4 ranks, cp_sparse_attention over the cp group), once per ZeRO stage in one spawn of
+ranks; the loss, gradient norm and token count of every step, the validation loss and every
+final parameter (ZeRO-3 gathers them) must match LocalEngine on the same global batch within
+1e-5 (fp32). A bf16 run checks the switch (bf16 parameters, fp32 master weights, loss close).
+The refusals (tp, pp, keys the trainer owns) need no processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from tests.distributed import megatron_cases as mc
+from tests.distributed.harness import run_ranks
+
+TOL = 1e-5
+CASE = mc.Case()
+STAGES = (1, 2, 3)
+
+
+def ds_rank(rank: int, world: int, cp: int, runs: list[tuple[int, str]]) -> list[dict]:
+    """Each (zero_stage, precision) in turn: 3 steps and one evaluation on these ranks."""
+    from parallel.layout import Layout
+    from train.config import ParallelArgs
+    from train.deepspeed_engine import DeepSpeedArgs, DeepSpeedEngine
+
+    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asserts a launcher set it
+
+    layout = Layout.create(
+        ParallelArgs(cp=cp), world, CASE.model_args(), CASE.attn_cfg(), CASE.seq_len
+    )
+    groups = layout.initialize()
+    out = []
+    try:
+        for stage, precision in runs:
+            per_dp = CASE.micro_batches // layout.dp
+            engine = DeepSpeedEngine(
+                CASE.model_args(),
+                CASE.attn_cfg(),
+                layout,
+                groups,
+                dataclasses.replace(mc.OPTIM, precision=precision),
+                mc.SCHEDULE,
+                DeepSpeedArgs(zero_stage=stage),
+                micro_batches=per_dp,
+                micro_batch_size=CASE.micro_batch_size,
+                total_steps=mc.STEPS,
+                seed=mc.SEED,
+            )
+            lo = groups.dp_rank * per_dp
+            stats = [
+                engine.train_step(mc.batches(CASE, s)[lo : lo + per_dp], s) for s in range(mc.STEPS)
+            ]
+            val = engine.eval_step(mc.batches(CASE, mc.STEPS)[groups.dp_rank])
+            dtypes = {p.dtype for p in engine.model.parameters()}
+            out.append(
+                {
+                    "losses": [s.loss for s in stats],
+                    "grad_norms": [s.grad_norm for s in stats],
+                    "n_tokens": [s.n_tokens for s in stats],
+                    "val": val,
+                    "params": engine.full_parameters(),
+                    "dtypes": dtypes,
+                }
+            )
+            engine.ds.destroy()
+    finally:
+        Layout.destroy()
+    return out
+
+
+def _mismatches(results: list[dict], ref: dict, dp: int, where: str, tol: float) -> list[str]:
+    bad = []
+    for rank, res in enumerate(results):
+        for key in ("losses", "grad_norms"):
+            err = max(abs(a - b) for a, b in zip(res[key], ref[key], strict=True))
+            if not err <= tol:
+                bad.append(f"{where} rank {rank} {key}: error {err:.2e}")
+        if res["n_tokens"] != ref["n_tokens"]:
+            bad.append(f"{where} n_tokens {res['n_tokens']} != {ref['n_tokens']}")
+        val_sum = sum(v[0] for v in ref["val"][:dp])
+        val_tokens = sum(v[1] for v in ref["val"][:dp])
+        if res["val"][1] != val_tokens or not abs(res["val"][0] - val_sum) <= tol * val_sum:
+            bad.append(f"{where} eval {res['val']} != {(val_sum, val_tokens)}")
+        for name, value in ref["params"].items():
+            err = (res["params"][name] - value).abs().max().item()
+            if not err <= tol:
+                bad.append(f"{where} rank {rank} parameter {name}: error {err:.2e}")
+    return bad
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world,cp", [(2, 1), (4, 2)], ids=["dp2", "cp2xdp2"])
+def test_zero_stages_match_single_process(world, cp, tmp_path):
+    runs = [(stage, "fp32") for stage in STAGES]
+    if world == 2:
+        runs.append((2, "bf16"))
+    per_rank = run_ranks(ds_rank, world, tmp_path, args=(cp, runs), timeout=280)
+    ref = mc.reference(CASE)
+    bad = []
+    for i, (stage, precision) in enumerate(runs):
+        results = [r[i] for r in per_rank]
+        where = f"zero{stage} {precision} world {world} cp {cp}"
+        if precision == "fp32":
+            bad += _mismatches(results, ref, world // cp, where, TOL)
+        else:
+            assert results[0]["dtypes"] == {torch.bfloat16}
+            err = max(abs(a - b) for a, b in zip(results[0]["losses"], ref["losses"], strict=True))
+            assert err < 0.05, (where, results[0]["losses"], ref["losses"])
+    assert not bad, "\n".join(bad)
+
+
+def test_deepspeed_refuses_tp_pp_and_owned_keys():
+    from train.deepspeed_engine import DeepSpeedArgs, deepspeed_refusal
+
+    assert "parallel.tp=2" in (deepspeed_refusal(2, 1) or "")
+    assert "parallel.pp=2" in (deepspeed_refusal(1, 2) or "")
+    assert deepspeed_refusal(1, 1) is None
+    with pytest.raises(ValueError, match="deepspeed.config.gradient_clipping.*optim.grad_clip"):
+        DeepSpeedArgs(config={"gradient_clipping": 1.0})
+    with pytest.raises(ValueError, match="deepspeed.zero_stage=4"):
+        DeepSpeedArgs(zero_stage=4)
+    with pytest.raises(ValueError, match="contradicts"):
+        DeepSpeedArgs(zero_stage=1, config={"zero_optimization": {"stage": 3}})

@@ -1,0 +1,93 @@
+"""`python -m train` with train.engine=deepspeed under real launchers, and its exact resume.
+
+- ZeRO-3 with context parallelism (cp=2) on 2 ranks (torchrun, started through
+  `python -m launch torchrun --run`), 4 steps of 2 accumulated micro-batches, checkpointing
+  DeepSpeed's way (engine.save_checkpoint under checkpoints/engine/step_N/) next to the loop's
+  per-rank files; then 2 steps, a new set of processes resuming (engine.load_checkpoint) for 2
+  more: losses and final fp32 parameters (zero_to_fp32) equal the uninterrupted run's.
+- The deepspeed launcher with a localhost hostfile (`python -m launch deepspeed --run`): for a
+  hostfile of one host it starts the ranks locally through deepspeed.launcher.launch (no ssh;
+  --no_ssh_check skips its ssh probe of the host).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel.local_ranks import free_port
+from tests.distributed.test_torchrun_train import _run
+from tests.unit.test_train import TINY
+
+STEPS = 4
+DS = [
+    *TINY, "train.engine=deepspeed", "train.grad_accum=2", "train.eval_every=0",
+    "checkpoint.every=2", "checkpoint.keep_last=3", f"schedule.decay_steps={STEPS}",
+]  # fmt: skip
+
+
+def _launch(args: list[str], tmp_path: Path, timeout: int = 240) -> str:
+    return _run([sys.executable, "-m", "launch", *args], tmp_path, timeout)
+
+
+def _state(run_dir: Path, step: int | None = None) -> dict:
+    ckpt = run_dir / "checkpoints"
+    name = (ckpt / "latest").read_text().strip() if step is None else f"step_{step:06d}"
+    return torch.load(ckpt / name / "state_rank00000.pt", weights_only=False)
+
+
+def _params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The fp32 parameters of DeepSpeed's checkpoint, gathered from the ZeRO partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine_dir = run_dir / "checkpoints" / "engine"
+    return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=f"step_{step:06d}")
+
+
+@pytest.mark.timeout(400)
+def test_deepspeed_zero3_cp2_torchrun_resumes_exactly(tiny_prepared_data, tmp_path):
+    common = [*DS, "deepspeed.zero_stage=3", "parallel.cp=2", f"data.path={tiny_prepared_data}"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    out = _launch(
+        ["torchrun", "--run", "--nproc-per-node", "2", "--",
+         *common, f"train.run_dir={full}", f"train.steps={STEPS}"], tmp_path,
+    )  # fmt: skip
+    assert "deepspeed engine, layout tp=1 pp=1 cp=2 dp=1" in out
+    assert _state(full)["engine"]["zero_stage"] == 3
+    engine_dir = full / "checkpoints" / "engine" / f"step_{STEPS:06d}"
+    assert sorted(p.name for p in engine_dir.glob("*optim_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)
+    ]  # one ZeRO partition per rank
+
+    torchrun = ["torchrun", "--run", "--nproc-per-node", "2", "--", *common]
+    _launch([*torchrun, f"train.run_dir={split}", f"train.steps={STEPS // 2}"], tmp_path)
+    out = _launch(
+        [*torchrun, f"train.run_dir={split}", f"train.steps={STEPS}", "--resume"], tmp_path
+    )
+    assert f"resuming from step {STEPS // 2}" in out
+    want, got = _state(full)["losses"], _state(split)["losses"]
+    assert len(got) == STEPS and got == pytest.approx(want, abs=1e-6), (got, want)
+    want_params, got_params = _params(full, STEPS), _params(split, STEPS)
+    assert set(want_params) == set(got_params) and "embed.weight" in want_params
+    for name, value in want_params.items():
+        assert torch.allclose(got_params[name], value, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_launcher_with_localhost_hostfile(tiny_prepared_data, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run_dir = tmp_path / "ds"
+    out = _launch(
+        ["deepspeed", "--run", "--hostfile", str(hostfile), "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), "--no-ssh-check", "--",
+         *DS, "deepspeed.zero_stage=1", f"data.path={tiny_prepared_data}",
+         f"train.run_dir={run_dir}", "train.steps=2"], tmp_path,
+    )  # fmt: skip
+    assert "deepspeed engine, layout tp=1 pp=1 cp=1 dp=2" in out
+    state = _state(run_dir)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+    assert (run_dir / "checkpoints" / "step_000002" / "state_rank00001.pt").is_file()

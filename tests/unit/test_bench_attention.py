@@ -1,0 +1,67 @@
+"""The attention benchmark runs end to end (quick mode) and writes a consistent JSON report.
+
+pytest tests/unit/test_bench_attention.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.attention import IMPLS, QUICK_SEQ_LENS, SPEEDUPS, TARGETS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("bench") / "a.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.attention", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    return json.loads(out.read_text())
+
+
+def test_every_impl_measured_at_every_n(report):
+    by_key = {(r["impl"], r["n"]): r for r in report["results"]}
+    assert set(by_key) == {(impl, n) for impl in IMPLS for n in QUICK_SEQ_LENS}
+    for key, r in by_key.items():
+        assert r["status"] == "ok", (key, r)
+        assert r["seconds"] > 0 and all(t > 0 for t in r["seconds_all"]), key
+        assert r["peak_mb"] > 0, key
+    assert report["machine"]["matmul_gflops"] > 0
+    for impl in ("ours_bigbird", "ours_longformer", "dense_sdpa"):
+        assert by_key[(impl, QUICK_SEQ_LENS[0])]["useful_gflops"] > 0
+
+
+def test_speedups_are_ratios_of_recorded_times(report):
+    seconds = {(r["impl"], r["n"]): r["seconds"] for r in report["results"]}
+    for n in QUICK_SEQ_LENS:
+        row = report["speedups"][str(n)]
+        assert set(row) == set(SPEEDUPS)
+        for name, (base, ours) in SPEEDUPS.items():
+            assert row[name] == pytest.approx(seconds[(base, n)] / seconds[(ours, n)], rel=1e-12)
+    targets = report["targets"]
+    assert targets["n"] == max(QUICK_SEQ_LENS)
+    for name, (speedup, minimum) in TARGETS.items():
+        value = report["speedups"][str(targets["n"])][speedup]
+        assert targets[name]["value"] == value
+        assert targets[name]["met"] is (value >= minimum)
+
+
+def test_ours_matches_dense_oracle(report):
+    exact = report["exactness"]
+    assert exact["n"] == min(QUICK_SEQ_LENS)
+    for name in ("ours_bigbird", "ours_longformer"):
+        assert exact[name]["max_abs_err_out"] < 1e-4
+        assert exact[name]["max_abs_err_grad"] < 1e-4
+    assert "flop_formula" in report and "longformer" in report["equivalence"]

@@ -1,0 +1,108 @@
+"""Clean shutdown on SIGTERM (SLURM preemption, time limit, `scancel`) and test-only faults.
+
+    with GracefulStop() as stop:             # SIGTERM (and SIGUSR1) set a flag instead of killing
+        for step in ...:
+            ...train one step...
+            if stop.agreed():                # every rank: the same answer at the same step
+                save(); break
+
+The flag is all-reduced (max) over the default process group after every step, so all ranks
+stop after the same step even when the signal reaches them at different moments (SLURM signals
+every task, torchrun forwards SIGTERM to its workers; either order works). The loop then writes
+a checkpoint and returns; `--resume` continues from it. SLURM sends SIGKILL KillWait (default
+30 s) after SIGTERM, torchrun 30 s after it forwards one: a checkpoint must fit in that time.
+
+`fault_injection(step, rank, run_dir)` is for the elastic tests only (environment variables):
+- HALOTRON_TEST_KILL_AT_STEP=N: after step N, the last rank kills itself with SIGKILL (a node
+  lost), once per run directory (a marker file `.test_killed_at_N` keeps the restart alive).
+- HALOTRON_TEST_SIGTERM_AT_STEP=N: after step N, rank 0 sends SIGTERM to itself and to its
+  parent (the launcher: torchrun forwards it to every worker, as when SLURM signals the job
+  step), once per run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["GracefulStop", "fault_injection", "STOP_SIGNALS"]
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that ask for a checkpoint and a clean exit (SIGUSR1: `sbatch --signal=USR1@90`)."""
+
+
+class GracefulStop:
+    """Turns STOP_SIGNALS into a flag while active (main thread only; elsewhere a no-op)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested:
+            self.requested = True
+            self.signal_name = signal.Signals(signum).name
+            log.warning("%s received: stopping after this step with a checkpoint", self.signal_name)
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective under torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.requested
+        # NCCL reduces device tensors only.
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _once(run_dir: Path, name: str) -> bool:
+    """True the first time `name` is claimed in `run_dir` (an exclusive-create marker)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run_dir / name, "x"):
+            return True
+    except FileExistsError:
+        return False
+
+
+def fault_injection(step: int, rank: int, world: int, run_dir: Path) -> None:
+    """The test-only faults of the module docstring, after optimizer step `step`."""
+    kill_at = os.environ.get("HALOTRON_TEST_KILL_AT_STEP")
+    if kill_at and step == int(kill_at) and rank == world - 1:
+        if _once(run_dir, f".test_killed_at_{step}"):
+            log.warning("HALOTRON_TEST_KILL_AT_STEP=%s: rank %d kills itself", kill_at, rank)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+    term_at = os.environ.get("HALOTRON_TEST_SIGTERM_AT_STEP")
+    if term_at and step == int(term_at) and rank == 0:
+        if _once(run_dir, f".test_sigterm_at_{step}"):
+            log.warning("HALOTRON_TEST_SIGTERM_AT_STEP=%s: SIGTERM to the launcher", term_at)
+            os.kill(os.getpid(), signal.SIGTERM)
+            if world > 1:
+                os.kill(os.getppid(), signal.SIGTERM)
