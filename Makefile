@@ -33,6 +33,8 @@ test: lint
 bench: setup
 	$(BIN)/python -m benchmarks.attention
 	$(BIN)/python -m benchmarks.context_parallel
+	$(BIN)/python -m benchmarks.cp_overlap
+	$(BIN)/python -m benchmarks.data
 
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache .mypy_cache .ruff_cache
