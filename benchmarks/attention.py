@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.memory import peak_kib, reset_peak, rss_kib
 from model.sparse import SparsityConfig, reference_attention, sparse_attention
 
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
@@ -90,30 +90,6 @@ TARGETS = {
 
 
 # ---- memory ---------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field}")
-    return int(match.group(1))
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kib(can_reset: bool) -> int:
-    if can_reset:
-        return _status_kib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 # ---- the implementations --------------------------------------------------------------------
@@ -228,8 +204,8 @@ def build(impl: str, n: int) -> tuple[Callable[[], torch.Tensor], list[torch.Ten
 def run_one(impl: str, n: int, reps: int) -> dict[str, Any]:
     """Child mode: time fwd+bwd of one (impl, N) and measure its peak memory."""
     torch.set_num_threads(THREADS)
-    can_reset = _reset_peak()
-    base_kib = _status_kib("VmRSS")
+    can_reset = reset_peak()
+    base_kib = rss_kib()
     fwd, leaves = build(impl, n)
     grad_out: torch.Tensor | None = None
     times = []
@@ -245,7 +221,7 @@ def run_one(impl: str, n: int, reps: int) -> dict[str, Any]:
         if rep:
             times.append(elapsed)
         del out
-    peak_kib = _peak_kib(can_reset)
+    top_kib = peak_kib(can_reset)
     return {
         "impl": impl,
         "n": n,
@@ -253,7 +229,7 @@ def run_one(impl: str, n: int, reps: int) -> dict[str, Any]:
         "seconds": min(times),
         "seconds_median": statistics.median(times),
         "seconds_all": times,
-        "peak_mb": (peak_kib - base_kib) / 1024,
+        "peak_mb": (top_kib - base_kib) / 1024,
         "peak_method": "VmHWM after clear_refs" if can_reset else "ru_maxrss",
     }
 

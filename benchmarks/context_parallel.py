@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.memory import peak_kib, reset_peak, rss_kib
 from model.sparse import SparsityConfig
 from model.sparse_kernel import block_sparse_attention, global_query_attention, make_plan
 from model.sparse_plan import build_block_table, gather_global_positions
@@ -38,30 +38,6 @@ from parallel.traffic import TrafficCounter, all_gather_bytes
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
 SETTINGS = dict(block_size=64, window_blocks=9, global_blocks=2, random_blocks=0)
 RESULTS = Path(__file__).parent / "results" / "context_parallel.json"
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes() -> int:
-    """VmHWM: the peak RSS since the last reset (ru_maxrss, the lifetime peak, as fallback)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _AllGatherKV(torch.autograd.Function):
@@ -113,8 +89,8 @@ def allgather_attention(q, k, v, cfg: SparsityConfig, rank: int, world: int) -> 
 def bench_rank(rank: int, world: int, method: str, seq_len: int, reps: int, random_blocks: int):
     if world > 1:
         dist.barrier()  # every rank past the process-group setup
-    _reset_peak()  # the peak of imports and setup is not the attention's
-    base = _rss_bytes()
+    can_reset = reset_peak()  # the peak of imports and setup is not the attention's
+    base = rss_kib() * 1024
     cfg = SparsityConfig(**(SETTINGS | {"random_blocks": random_blocks}))  # type: ignore[arg-type]
     n = seq_len // world
     gen = torch.Generator().manual_seed(rank)
@@ -143,7 +119,7 @@ def bench_rank(rank: int, world: int, method: str, seq_len: int, reps: int, rand
         kv_bytes = 2 * BATCH * HEADS * seq_len * HEAD_DIM * 4
         for direction in ("forward", "backward"):
             counter.add("halo", direction, 0, all_gather_bytes(kv_bytes, world))
-    peak = _peak_bytes()
+    peak = peak_kib(can_reset) * 1024
     return dict(
         bytes=counter.as_dict(),
         seconds=statistics.median(times),

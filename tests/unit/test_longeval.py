@@ -15,6 +15,7 @@ import torch
 
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
+from tests.unit.test_train import TINY  # the trainer tests' tiny model
 from train.longeval import (
     FILLER,
     NEEDLE,
@@ -104,23 +105,6 @@ def test_passkey_accuracy_rows_are_fractions():
 
 
 # ---- the commands on a tiny trained run -------------------------------------------------------
-
-TINY = [  # the trainer tests' tiny model (tests/unit/test_train.py)
-    "model.vocab_size=512",
-    "model.n_layers=2",
-    "model.d_model=64",
-    "model.n_heads=4",
-    "attention.block_size=32",
-    "attention.window_blocks=3",
-    "attention.global_blocks=1",
-    "attention.random_blocks=2",
-    "train.seq_len=256",
-    "train.micro_batch_size=4",
-    "optim.lr=5e-3",
-    "schedule.warmup_steps=3",
-    "schedule.min_lr=1e-3",
-    "logging.progress_bar=false",
-]
 
 
 @pytest.fixture(scope="module")
