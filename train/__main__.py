@@ -31,13 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="yes",
         default="no",
-        choices=RESUME_MODES,
+        metavar="{" + ",".join(RESUME_MODES) + "}",
         help="continue from the newest complete checkpoint (auto: only if there is one)",
     )
     # The deepspeed launcher appends --local_rank=N (the rank also comes in LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
+    if args.resume not in RESUME_MODES:
+        if "=" not in args.resume:  # `--resume train.steps=9` is a bare --resume, then an override
+            parser.error(
+                f"argument --resume: invalid choice: {args.resume!r} "
+                f"(choose from {', '.join(RESUME_MODES)})"
+            )
+        args.overrides.insert(0, args.resume)
+        args.resume = "yes"
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

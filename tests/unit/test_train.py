@@ -141,6 +141,16 @@ def test_resume_continues_exactly(data_dir, tmp_path, wandb_env):
         assert (Path(wandb_dir).parent / f"run-{run_id}.wandb").is_file()
 
 
+def test_bare_resume_before_overrides(data_dir, tmp_path, wandb_env, capsys):
+    """`--resume train.steps=N` (as the README writes it) is a bare --resume plus an override."""
+    args = [*TINY, f"data.path={data_dir}", f"train.run_dir={tmp_path / 'run'}"]
+    assert main([*args, "train.steps=2"]) == 0
+    assert main(["--resume", "train.steps=3", *args]) == 0
+    assert "steps 3 (this run 1)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--resume", "sometimes", *args])
+
+
 def test_fresh_start_refuses_existing_checkpoints(data_dir, tmp_path, wandb_env):
     run_dir = tmp_path / "run"
     manager = CheckpointManager(CheckpointArgs(), run_dir)
