@@ -12,14 +12,18 @@ times forward+backward of
 Records bytes sent per rank per layer (parallel.traffic conventions), wall time (median over
 reps, slowest rank), and the per-rank peak RSS above the RSS before the inputs are made
 (VmHWM reset after setup; one fresh process per measurement). It also runs P=1 at N/P to
-compare per-rank
-memory under weak scaling. Writes benchmarks/results/context_parallel.json; asserts nothing.
+compare per-rank memory under weak scaling. The spawned ranks run with a fixed glibc mmap
+threshold (MALLOC_MMAP_THRESHOLD_=128 KiB): large tensors are then mapped and unmapped one by
+one, so the RSS follows the live tensors; with glibc's default, adaptive threshold freed
+buffers stay in the heap by chance and the peak of the same run varies by about 20%.
+Writes benchmarks/results/context_parallel.json; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.memory import peak_kib, reset_peak, rss_kib
 from model.sparse import SparsityConfig
 from model.sparse_kernel import block_sparse_attention, global_query_attention, make_plan
 from model.sparse_plan import build_block_table, gather_global_positions
 from parallel.context_parallel import cp_sparse_attention
 from parallel.local_ranks import run_local_ranks
 from parallel.traffic import TrafficCounter, all_gather_bytes
+from train.memory import peak_kib, reset_peak, rss_kib
 
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
 SETTINGS = dict(block_size=64, window_blocks=9, global_blocks=2, random_blocks=0)
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--random-blocks", type=int, default=SETTINGS["random_blocks"])
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    # read by each spawned rank's C library at start (see the module docstring)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     t0 = time.time()
     rows = []
     for world in args.worlds:
@@ -203,7 +209,11 @@ def main(argv: list[str] | None = None) -> None:
         settings=SETTINGS
         | {"random_blocks": args.random_blocks, "heads": HEADS, "head_dim": HEAD_DIM}
         | {"batch": BATCH, "dtype": "float32", "threads_per_rank": 1, "reps": args.reps},
-        machine=dict(cpus=torch.get_num_threads(), torch=torch.__version__),
+        machine=dict(
+            cpus=torch.get_num_threads(),
+            torch=torch.__version__,
+            malloc_mmap_threshold=os.environ["MALLOC_MMAP_THRESHOLD_"],
+        ),
         runs=rows,
         single_rank=list(singles.values()),
         targets=targets,

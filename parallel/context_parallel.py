@@ -38,7 +38,7 @@ from parallel.cp_comm import (
     halo_exchange,
     random_exchange,
 )
-from parallel.cp_plan import RankPlan, rank_plan
+from parallel.cp_plan import rank_plan
 from parallel.traffic import TrafficCounter, all_reduce_bytes
 
 __all__ = ["cp_sparse_attention"]
@@ -91,65 +91,59 @@ def cp_sparse_attention(
         rk, rv, token = random_exchange(comm, plan, cfg.block_size, token, k_local, v_local)
     else:
         rk = rv = k_local.new_zeros(batch, heads, 0, dim)
+    edge = plan.edge_local.to(k_local.device)
+    k_edge, v_edge = k_local.index_select(2, edge), v_local.index_select(2, edge)
     wait_halo = None
     if plan.halo_in_group:
-        wait_halo = halo_exchange(comm, plan, cfg.block_size, token, k_local, v_local)
+        wait_halo = halo_exchange(comm, plan, cfg.block_size, token, k_edge, v_edge)
     kl = vl = kr = vr = k_local.new_zeros(batch, heads, 0, dim)
     if wait_halo is not None and not overlap:
         kl, vl, kr, vr, token = wait_halo()
         wait_halo = None
+    q_runs = q_local.split([tokens for tokens, _ in plan.runs], dim=2)
 
-    def run(q_blocks, table, k_buf, v_buf, k_pos):
-        q_pos = _tokens(q_blocks, cfg.block_size)
+    def run(interior, table, k_buf, v_buf, k_pos):
+        q_sel = [q for q, (_, inner) in zip(q_runs, plan.runs, strict=True) if inner == interior]
+        q_blocks = plan.interior if interior else plan.boundary
         kplan = make_plan(
-            table, q_pos, k_pos, skip[:, k_pos], glob.positions, g_valid,
-            cfg.causal, cfg.block_size, dim,
+            table, _tokens(q_blocks, cfg.block_size), k_pos, skip[:, k_pos], glob.positions,
+            g_valid, cfg.causal, cfg.block_size, dim,
         )  # fmt: skip
         if q_local.device.type != "cpu":
             kplan = kplan.to(q_local.device)
-        q_sel = q_local.index_select(2, (q_pos - lo).to(q_local.device))
-        return block_sparse_attention(q_sel, k_buf, v_buf, gk, gv, kplan)[0]
+        q_cat = q_sel[0] if len(q_sel) == 1 else torch.cat(q_sel, dim=2)
+        out = block_sparse_attention(q_cat, k_buf, v_buf, gk, gv, kplan)[0]
+        return list(out.split([tokens for tokens, inner in plan.runs if inner == interior], 2))
 
-    outs = []
+    out_interior: list[torch.Tensor] = []
     if plan.interior.numel():  # overlaps the halo transfer
         k_buf, v_buf = k_local, v_local
         if rk.shape[2]:
             k_buf, v_buf = torch.cat([k_local, rk], dim=2), torch.cat([v_local, rv], dim=2)
-        outs.append(run(plan.interior, plan.table_interior, k_buf, v_buf, plan.kpos_interior))
+        out_interior = run(True, plan.table_interior, k_buf, v_buf, plan.kpos_interior)
     partial = None
     if n_glob:  # the global queries' softmax over the local keys, also during the transfer
         k_valid_local = None if key_valid is None else key_valid[:, lo : lo + n_local]
         partial = _global_partial(q_glob, k_local, v_local, glob, lo, k_valid_local, cfg.causal)
     if wait_halo is not None:
         kl, vl, kr, vr, token = wait_halo()
+    out_boundary: list[torch.Tensor] = []
     if plan.boundary.numel():
-        near = plan.boundary_local.to(k_local.device)
-        k_buf = torch.cat([kl, k_local.index_select(2, near), kr, rk], dim=2)
-        v_buf = torch.cat([vl, v_local.index_select(2, near), vr, rv], dim=2)
-        outs.append(run(plan.boundary, plan.table_boundary, k_buf, v_buf, plan.kpos_boundary))
-    out = _in_order(outs, plan, cfg.block_size, lo)
-    if n_glob:
-        assert partial is not None
-        merged, token = _merge_partials(comm, token, *partial)
-        out = _place_rows(out, merged, glob, lo, n_local)
-    return attach_token(out, token)
+        near = plan.boundary_in_edge.to(k_local.device)
+        k_buf = torch.cat([kl, k_edge.index_select(2, near), kr, rk], dim=2)
+        v_buf = torch.cat([vl, v_edge.index_select(2, near), vr, rv], dim=2)
+        out_boundary = run(False, plan.table_boundary, k_buf, v_buf, plan.kpos_boundary)
+    # the runs back in sequence order: one concatenation
+    parts = [(out_interior if inner else out_boundary).pop(0) for _, inner in plan.runs]
+    if not n_glob:
+        return attach_token(parts, token)
+    assert partial is not None
+    merged, token = _merge_partials(comm, token, *partial)
+    return _place_rows(parts, merged, glob, lo, n_local, token)
 
 
 def _tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
     return (blocks.view(-1, 1) * block + torch.arange(block).view(1, -1)).flatten()
-
-
-def _in_order(outs: list[torch.Tensor], plan: RankPlan, block: int, lo: int) -> torch.Tensor:
-    """Interior then boundary rows, back in sequence order: written into one buffer (slice
-    assignment, so no concatenated copy is kept alongside it)."""
-    if len(outs) == 1:
-        return outs[0]
-    out = outs[0].new_empty(*outs[0].shape[:2], plan.interior.numel() * block + outs[1].shape[2],
-                            outs[0].shape[3])  # fmt: skip
-    for part, blocks in zip(outs, (plan.interior, plan.boundary), strict=True):
-        rows = (_tokens(blocks, block) - lo).to(out.device)
-        out.index_copy_(2, rows, part)
-    return out
 
 
 def _owned_rows(x: torch.Tensor, glob: GlobalSet, lo: int, n_local: int) -> torch.Tensor:
@@ -189,7 +183,8 @@ def _merge_partials(comm: CPComm, token, m, has_key, l_sum, u):
     with e_p = exp(m_p - max_p m_p); replicated on every rank."""
     m_all = torch.where(has_key, m, -math.inf)
     if comm.world > 1:
-        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=comm.group)
+        with comm.blocked("global_merge", "forward"):
+            dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=comm.group)
         comm.count("global_merge", "forward", all_reduce_bytes(m_all.numel() * 8, comm.world))
     scale = torch.where(has_key, torch.exp(m - torch.where(has_key, m_all, 0.0)), 0.0)
     packed = torch.cat([u * scale.unsqueeze(-1), (l_sum * scale).unsqueeze(-1)], dim=-1)
@@ -198,15 +193,40 @@ def _merge_partials(comm: CPComm, token, m, has_key, l_sum, u):
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0), token
 
 
-def _place_rows(out, rows, glob: GlobalSet, lo: int, n_local: int) -> torch.Tensor:
-    """Write the merged global query rows this rank owns into its output [B, H, n, D]."""
-    batch, heads, _, dim = out.shape
+class _PlaceRows(torch.autograd.Function):
+    """The output runs joined in order, with the merged global rows this rank owns written
+    over them; depends on the chain's last token (see cp_comm.attach_token). One full-size
+    buffer in forward and one in backward."""
+
+    @staticmethod
+    def forward(ctx, token, rows, owner, slot, where, *parts):  # type: ignore[override]
+        out = torch.cat(parts, dim=2)  # fresh, so written in place
+        out[owner, :, where] = rows[owner, :, slot]
+        ctx.save_for_backward(owner, slot, where)
+        ctx.sizes, ctx.rows_shape = [part.shape[2] for part in parts], rows.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        owner, slot, where = ctx.saved_tensors
+        d_rows = grad.new_zeros(ctx.rows_shape)
+        d_rows[owner, :, slot] = grad[owner, :, where]
+        d_out = grad.clone()
+        d_out[owner, :, where] = 0
+        d_token = grad.new_zeros(0) if ctx.needs_input_grad[0] else None
+        return (d_token, d_rows, None, None, None, *d_out.split(ctx.sizes, dim=2))
+
+
+def _place_rows(parts, rows, glob: GlobalSet, lo: int, n_local: int, token) -> torch.Tensor:
+    """This rank's output [B, H, n, D]: the runs `parts` in order, with the merged global
+    query rows [B, H, G, D] it owns in their places (padded slots, which repeat a position,
+    are not valid and write nothing)."""
+    batch = rows.shape[0]
     pos = glob.positions.expand(batch, -1)
-    keep = (glob.valid.expand(batch, -1) & (pos >= lo) & (pos < lo + n_local)).to(out.device)
-    local = (pos - lo).clamp(0, n_local - 1).to(out.device)
-    idx = local[:, None, :, None].expand(batch, heads, -1, dim)
-    placed = torch.zeros_like(out).scatter_add(2, idx, rows * keep[:, None, :, None])
-    # Counting hits (not assigning flags) keeps padded slots, which repeat a position, harmless.
-    hits = torch.zeros(batch, n_local, device=out.device)
-    hits.scatter_add_(1, local, keep.to(hits.dtype))
-    return torch.where(hits[:, None, :, None] > 0, placed, out)
+    keep = glob.valid.expand(batch, -1) & (pos >= lo) & (pos < lo + n_local)
+    owner, slot = keep.nonzero(as_tuple=True)
+    where = pos[owner, slot] - lo
+    device = rows.device
+    return _PlaceRows.apply(
+        token, rows, owner.to(device), slot.to(device), where.to(device), *parts
+    )

@@ -23,6 +23,9 @@ Legend: B batch, H heads, D head dim, nl local blocks, b block size, S = 2 (k an
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +63,16 @@ class CPComm:
         if self.traffic is not None and nbytes:
             self.traffic.add(kind, direction, self.layer, nbytes)
 
+    @contextmanager
+    def blocked(self, kind: str, direction: str) -> Iterator[None]:
+        """Time the body (a blocking collective or wait) into the traffic sink."""
+        if self.traffic is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        self.traffic.add_time(kind, direction, time.perf_counter() - t0)
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -71,19 +84,24 @@ def _token_grad(ctx, index: int, like: torch.Tensor):
 
 class _Attach(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, token):  # type: ignore[override]
-        return x.clone()  # a fresh tensor: callers may modify the output in place
+    def forward(ctx, token, *parts):  # type: ignore[override]
+        ctx.sizes = [part.shape[2] for part in parts]
+        # a fresh tensor (also for one part): callers may modify the output in place
+        return torch.cat(parts, dim=2)
 
     @staticmethod
-    def backward(ctx, dx):  # type: ignore[override]
-        return dx, _token_grad(ctx, 1, dx)
+    def backward(ctx, grad):  # type: ignore[override]
+        return (_token_grad(ctx, 0, grad), *grad.split(ctx.sizes, dim=2))
 
 
-def attach_token(x: torch.Tensor, token) -> torch.Tensor:
-    """x, made to depend on the last token of the chain: backward then runs every exchange's
-    backward on every rank, even one whose received tensors this rank never used (a rank with
-    no boundary block still owes its neighbours their halo gradients)."""
-    return x if token is None else _Attach.apply(x, token)
+def attach_token(parts: list[torch.Tensor], token) -> torch.Tensor:
+    """The parts [B, H, *, D] concatenated along dim 2, made to depend on the last token of
+    the chain: backward then runs every exchange's backward on every rank, even one whose
+    received tensors this rank never used (a rank with no boundary block still owes its
+    neighbours their halo gradients). Without a token, a single part is returned as is."""
+    if token is None:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return _Attach.apply(token, *parts)
 
 
 # ---- all-reduce ------------------------------------------------------------------------------
@@ -94,14 +112,16 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, comm: CPComm, kind: str, token, x):  # type: ignore[override]
         ctx.comm, ctx.kind = comm, kind
         y = x.contiguous().clone()
-        dist.all_reduce(y, group=comm.group)
+        with comm.blocked(kind, "forward"):
+            dist.all_reduce(y, group=comm.group)
         comm.count(kind, "forward", all_reduce_bytes(_nbytes(y), comm.world))
         return y, x.new_zeros(0)
 
     @staticmethod
     def backward(ctx, dy, _dtoken):  # type: ignore[override]
         g = dy.contiguous().clone()
-        dist.all_reduce(g, group=ctx.comm.group)
+        with ctx.comm.blocked(ctx.kind, "backward"):
+            dist.all_reduce(g, group=ctx.comm.group)
         ctx.comm.count(ctx.kind, "backward", all_reduce_bytes(_nbytes(g), ctx.comm.world))
         return None, None, _token_grad(ctx, 2, g), g
 
@@ -135,7 +155,8 @@ class _RandomExchange(torch.autograd.Function):
             return t.view(batch, heads, nl, block, dim).index_select(2, send_idx)
 
         x = torch.stack([pick(k), pick(v)]).movedim(3, 0).contiguous()  # [m_send, S, B, H, b, D]
-        y = _all_to_all(comm, x, plan.random_sources, send_splits)
+        with comm.blocked("random", "forward"):
+            y = _all_to_all(comm, x, plan.random_sources, send_splits)
         sent_elsewhere = sum(n for r, n in enumerate(send_splits) if r != comm.rank)
         comm.count("random", "forward", sent_elsewhere * _nbytes(x[0]) if x.shape[0] else 0)
         ctx.comm, ctx.plan, ctx.send_splits = comm, plan, send_splits
@@ -151,7 +172,8 @@ class _RandomExchange(torch.autograd.Function):
         _, batch, heads, nl, block, dim = ctx.shape
         g = torch.stack([drk, drv]).view(2, batch, heads, -1, block, dim)
         g = g.movedim(3, 0).contiguous()  # [m_recv, S, B, H, b, D]
-        back = _all_to_all(comm, g, ctx.send_splits, plan.random_sources)
+        with comm.blocked("random", "backward"):
+            back = _all_to_all(comm, g, ctx.send_splits, plan.random_sources)
         recv_elsewhere = sum(n for r, n in enumerate(plan.random_sources) if r != comm.rank)
         comm.count("random", "backward", recv_elsewhere * _nbytes(g[0]) if g.shape[0] else 0)
         dkv = g.new_zeros(ctx.shape)
@@ -185,22 +207,24 @@ class HaloState:
     grad_received: list[tuple[HaloPiece, torch.Tensor]] = field(default_factory=list)
 
 
-def _local_span(piece: HaloPiece, rank: int, nl: int, block: int) -> slice:
-    return slice((piece.lo - rank * nl) * block, (piece.hi - rank * nl) * block)
+def _edge_spans(plan: RankPlan, block: int) -> list[slice]:
+    """Where each piece of plan.halo_send lies in the edge buffer (RankPlan.edge_local)."""
+    return [
+        slice(start, start + (piece.hi - piece.lo) * block)
+        for piece, start in zip(plan.halo_send, plan.halo_send_in_edge, strict=True)
+    ]
 
 
 class _HaloStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state: HaloState, token, k, v):  # type: ignore[override]
         comm, plan, b = state.comm, state.plan, state.block
-        batch, heads, n_local, dim = k.shape
-        nl = n_local // b
+        batch, heads, _, dim = k.shape
         for piece in plan.halo_recv:
             buf = k.new_empty(2, batch, heads, (piece.hi - piece.lo) * b, dim)
             state.works.append(dist.irecv(buf, comm.global_rank(piece.src), tag=_TAG_HALO_FWD))
             state.received.append((piece, buf))
-        for piece in plan.halo_send:
-            span = _local_span(piece, comm.rank, nl, b)
+        for piece, span in zip(plan.halo_send, _edge_spans(plan, b), strict=True):
             msg = torch.stack([k[:, :, span], v[:, :, span]])
             state.works.append(dist.isend(msg, comm.global_rank(piece.dst), tag=_TAG_HALO_FWD))
             state.sent.append(msg)
@@ -211,13 +235,13 @@ class _HaloStart(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _dtoken):  # type: ignore[override]
         state = ctx.state
-        comm, b = state.comm, state.block
-        dkv = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        nl = ctx.shape[3] // b
-        for work in state.grad_works:
-            work.wait()
-        for piece, grad in state.grad_received:
-            dkv[:, :, :, _local_span(piece, comm.rank, nl, b)] += grad
+        dkv = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)  # the edge's size
+        with state.comm.blocked("halo", "backward"):
+            for work in state.grad_works:
+                work.wait()
+        spans = _edge_spans(state.plan, state.block)
+        for span, (_, grad) in zip(spans, state.grad_received, strict=True):
+            dkv[:, :, :, span] += grad
         state.grad_works.clear()
         state.grad_sent.clear()
         state.grad_received.clear()
@@ -227,8 +251,9 @@ class _HaloStart(torch.autograd.Function):
 class _HaloWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state: HaloState, token):  # type: ignore[override]
-        for work in state.works:
-            work.wait()
+        with state.comm.blocked("halo", "forward"):
+            for work in state.works:
+                work.wait()
         plan = state.plan
         left = [buf for piece, buf in state.received if piece.lo < plan.halo_left[1]]
         right = [buf for piece, buf in state.received if piece.lo >= plan.halo_right[0]]
@@ -267,7 +292,8 @@ class _HaloWait(torch.autograd.Function):
 
 
 def halo_exchange(comm: CPComm, plan: RankPlan, block: int, token, k, v):
-    """Post the halo transfer; returns a callable that waits for it and gives
+    """Post the halo transfer of the edge k / v [B, H, edge, D] (the local keys at
+    plan.edge_local); returns a callable that waits for it and gives
     (k_left, v_left, k_right, v_right [B, H, *, D], next token)."""
     state = HaloState(comm, plan, block, (k.shape[0], k.shape[1], k.shape[3]))
     started = _HaloStart.apply(state, token, k, v)

@@ -66,9 +66,21 @@ class RankPlan:
     kpos_boundary: torch.Tensor
     """long: global token positions of the boundary buffer [halo-left | the local blocks the
     boundary blocks read | halo-right | random]."""
-    boundary_local: torch.Tensor
-    """long: local token indices of the local part of the boundary buffer; it holds only the
-    blocks within reach of the edges, so the buffer's size does not grow with n."""
+    edge_local: torch.Tensor
+    """long: local token indices of the *edge* (sorted): the local blocks the boundary blocks
+    read plus those sent as halo. Only these are gathered (once) for the halo and boundary
+    paths, so their gradients meet in one buffer of the edge's size, which does not grow
+    with n, before a single scatter into k / v."""
+    boundary_in_edge: torch.Tensor
+    """long: token indices into the edge of the local part of the boundary buffer."""
+    halo_send_in_edge: list[int]
+    """Token offset into the edge of each piece of `halo_send` (each piece is contiguous
+    there, as it is locally)."""
+    runs: list[tuple[int, bool]]
+    """The local tokens as maximal runs of interior or boundary blocks, in sequence order:
+    (tokens, is interior). Queries are split and outputs joined along them (views and one
+    concatenation, not index gathers, whose backward would zero-fill a full-size buffer per
+    use)."""
 
 
 def _blocks_to_tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
@@ -161,6 +173,11 @@ def rank_plan(
         t_bnd = build_block_table(
             cfg, seq_len, n_heads, layer, step, boundary, _slots(n_blocks, buf_boundary)
         )
+    halo_send = [p for p in pieces if p.src == rank]
+    near = read_local - rank * nl
+    edge = torch.unique(
+        torch.cat([near, *(torch.arange(p.lo, p.hi) - rank * nl for p in halo_send)])
+    )
     return RankPlan(
         rank=rank,
         halo_left=(l_lo, l_hi),
@@ -170,7 +187,7 @@ def rank_plan(
         random_sends=sends,
         random_in_group=any(n.numel() > 0 for n in needs),
         halo_recv=[p for p in pieces if p.dst == rank],
-        halo_send=[p for p in pieces if p.src == rank],
+        halo_send=halo_send,
         halo_in_group=bool(pieces),
         interior=interior,
         boundary=boundary,
@@ -178,5 +195,21 @@ def rank_plan(
         table_boundary=t_bnd,
         kpos_interior=_blocks_to_tokens(buf_interior, b),
         kpos_boundary=_blocks_to_tokens(buf_boundary, b),
-        boundary_local=_blocks_to_tokens(read_local - rank * nl, b),
+        edge_local=_blocks_to_tokens(edge, b),
+        boundary_in_edge=_blocks_to_tokens(torch.searchsorted(edge, near), b),
+        halo_send_in_edge=[
+            int(torch.searchsorted(edge, torch.tensor(p.lo - rank * nl))) * b for p in halo_send
+        ],
+        runs=_runs(ok, b),
     )
+
+
+def _runs(interior: torch.Tensor, block: int) -> list[tuple[int, bool]]:
+    """Maximal runs of equal flags in `interior` [nl], as (tokens, flag)."""
+    runs: list[tuple[int, bool]] = []
+    for flag in interior.tolist():
+        if runs and runs[-1][1] == flag:
+            runs[-1] = (runs[-1][0] + block, flag)
+        else:
+            runs.append((block, flag))
+    return runs

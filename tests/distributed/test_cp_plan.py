@@ -62,6 +62,28 @@ def test_interior_blocks_need_no_halo():
     assert int(plan.table_interior.index[plan.table_interior.valid].max()) < n_buf
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_edge_and_runs_do_not_grow_with_the_local_length(causal):
+    """What a rank gathers for the halo and the boundary (the edge) is O(window reach), the
+    same for n = 16 and 64 blocks per rank; the runs tile the local tokens in order."""
+    cfg = SparsityConfig(block_size=8, window_blocks=5, global_blocks=1, random_blocks=0,
+                         causal=causal)  # fmt: skip
+    edges = []
+    for seq in (512, 2048):
+        plan = rank_plan(cfg, seq, 4, 1, 2, 0, 0)
+        edges.append(plan.edge_local.numel())
+        assert torch.equal(plan.edge_local, torch.unique(plan.edge_local))
+        interior = {int(b) - 16 * seq // 512 for b in plan.interior}
+        flags = [b in interior for b in range(seq // 4 // 8)]
+        expanded = [inner for tokens, inner in plan.runs for _ in range(tokens // 8)]
+        assert expanded == flags and sum(t for t, _ in plan.runs) == seq // 4
+        for piece, start in zip(plan.halo_send, plan.halo_send_in_edge, strict=True):
+            local = torch.arange(piece.lo * 8, piece.hi * 8) - seq // 4
+            span = plan.edge_local[start : start + local.numel()]
+            assert torch.equal(span, local)
+    assert edges[0] == edges[1] <= 2 * 2 * 8 * 2
+
+
 def test_single_rank_without_process_group_equals_sparse_attention():
     cfg = SparsityConfig(block_size=8, window_blocks=3, global_blocks=2, random_blocks=2)
     gen = torch.Generator().manual_seed(0)
