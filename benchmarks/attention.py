@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.memory import peak_kib, reset_peak, rss_kib
 from model.sparse import SparsityConfig, reference_attention, sparse_attention
+from train.memory import peak_kib, reset_peak, rss_kib
 
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 HIDDEN = HEADS * HEAD_DIM

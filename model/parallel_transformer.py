@@ -17,7 +17,20 @@ With `params_dtype=torch.bfloat16` the weights and the activations between block
 are bf16 (the logits and the loss fp32); `ModelArgs.recompute` checkpoints every block.
 Pipeline stages other than the first take their input from `set_input_tensor` ([n, b, c], the
 layout Megatron's schedules send) and all but the last return that layout too.
-Shapes: b batch, n local tokens, c d_model, v vocab; V the padded vocab.
+
+Sequence parallelism (`layout.sequence_parallel`, Megatron-LM's --sequence-parallel): outside
+the tensor-parallel regions (norms, residual adds, pipeline sends) a tp rank holds only its
+1/tp of the sequence, [b, n/tp, c]. Megatron's own layers do the communication: the embedding
+reduce-scatters its partial sums to the sequence shard, every ColumnParallelLinear (QKV, MLP-in,
+LM head) all-gathers its input along the sequence, every RowParallelLinear (attention out,
+MLP-out) reduce-scatters its output along it (all in the backward mirrored), and the norm
+weights, replicated over tp but fed one shard each, carry `sequence_parallel=True` so that
+finalize_model_grads sums their gradients over tp. Those layers split dim 0 of Megatron's
+[n, b, c]; the blocks keep [b, n, c], so the wrappers below transpose around them (views: the
+residual stream stays physically [n/tp, b, c], and with b = 1 nothing is copied). The pipeline
+sends [n/tp, b, c], the shape Megatron's schedules derive from config.sequence_parallel. The
+norms are our RMSNorm either way: Apex / Transformer Engine norms are not needed.
+Shapes: b batch, n local tokens (this cp rank's), c d_model, v vocab; V the padded vocab.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ from model.sparse import SparsityConfig, sparse_attention
 from model.transformer import Block, ModelArgs, Transformer, run_blocks
 from parallel.context_parallel import cp_sparse_attention
 from parallel.layout import Layout, ParallelGroups
+from parallel.traffic import TrafficCounter
 
 __all__ = [
     "MegatronLinears",
@@ -63,7 +77,8 @@ def megatron_config(
     weights are copied from the single-process model). A TransformerConfig rather than a
     ModelParallelConfig because the schedules read its fields (hidden_size for the p2p shape
     [n, b, hidden], calculate_per_token_loss: our loss function already divides by the step's
-    tokens)."""
+    tokens). `sequence_parallel` switches Megatron's layers, schedules (p2p shape
+    [n/tp, b, hidden]) and finalize_model_grads (tp all-reduce of the norms' gradients)."""
     return TransformerConfig(
         num_layers=args.n_layers,
         hidden_size=args.d_model,
@@ -72,6 +87,7 @@ def megatron_config(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -88,17 +104,36 @@ def _no_init(weight: torch.Tensor) -> None:
 
 
 class _Column(ColumnParallelLinear):
-    """ColumnParallelLinear returning only its output (no bias term)."""
+    """ColumnParallelLinear returning only its output (no bias term), [b, n, out/tp]. With
+    sequence parallelism it takes this rank's sequence shard [b, n/tp, in] and all-gathers it
+    along the sequence (Megatron's dim 0, hence the transposes)."""
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None) -> Any:  # type: ignore[override]
-        return super().forward(input_, weight)[0]
+        if not self.sequence_parallel:
+            return super().forward(input_, weight)[0]
+        # contiguous: the all-gather sends the tensor's memory as is.
+        output_nbo = super().forward(input_.transpose(0, 1).contiguous(), weight)[0]
+        return output_nbo.transpose(0, 1)
 
 
 class _Row(RowParallelLinear):
-    """RowParallelLinear (input already split) returning only its reduced output."""
+    """RowParallelLinear (input already split) returning only its reduced output [b, n, out];
+    with sequence parallelism reduce-scattered along the sequence to [b, n/tp, out]."""
 
     def forward(self, input_: torch.Tensor) -> Any:  # type: ignore[override]
-        return super().forward(input_)[0]
+        if not self.sequence_parallel:
+            return super().forward(input_)[0]
+        return super().forward(input_.transpose(0, 1))[0].transpose(0, 1)
+
+
+class _Embedding(VocabParallelEmbedding):
+    """VocabParallelEmbedding of [b, n] tokens as [b, n, c]; with sequence parallelism
+    (`reduce_scatter_embeddings`) Megatron returns the reduce-scattered [n/tp, b, c] and this
+    gives it back as this rank's sequence shard [b, n/tp, c]."""
+
+    def forward(self, input_: torch.Tensor) -> Any:  # type: ignore[override]
+        output = super().forward(input_)
+        return output.transpose(0, 1) if self.reduce_scatter_embeddings else output
 
 
 class MegatronLinears:
@@ -141,8 +176,13 @@ class MegatronLinears:
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return _mark_sharded(
-            VocabParallelEmbedding(
-                vocab_size, dim, init_method=_no_init, config=self.config, tp_group=self.tp_group
+            _Embedding(
+                vocab_size,
+                dim,
+                init_method=_no_init,
+                reduce_scatter_embeddings=self.config.sequence_parallel,
+                config=self.config,
+                tp_group=self.tp_group,
             ),
             dim=0,
         )
@@ -180,7 +220,9 @@ class ParallelTransformer(nn.Module):
         seed: int = 0,
         full: Transformer | None = None,
         params_dtype: torch.dtype = torch.float32,
+        traffic: TrafficCounter | None = None,
     ) -> None:
+        """traffic: counts the bytes and time of the context-parallel exchanges (cp > 1)."""
         super().__init__()
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         self.args = args
@@ -197,7 +239,7 @@ class ParallelTransformer(nn.Module):
         linears = MegatronLinears(self.config, groups.tp)
         attention_fn: Any = sparse_attention
         if layout.cp > 1:
-            attention_fn = functools.partial(cp_sparse_attention, group=groups.cp)
+            attention_fn = functools.partial(cp_sparse_attention, group=groups.cp, traffic=traffic)
         self.embed: nn.Module | None = None
         if self.pre_process:
             self.embed = linears.embedding(self.padded_vocab, args.d_model)
@@ -229,6 +271,11 @@ class ParallelTransformer(nn.Module):
         # makes. Its wrapper is not needed: the inputs are integer tokens and the logits are
         # already returned in fp32.
         self.to(params_dtype)
+        if layout.sequence_parallel:
+            for norm in (m for m in self.modules() if isinstance(m, RMSNorm)):
+                # Each tp rank's gradient covers its sequence shard only: finalize_model_grads
+                # sums the parameters marked so over tp (with config.sequence_parallel).
+                norm.weight.sequence_parallel = True  # type: ignore[attr-defined]
 
     def global_name(self, name: str) -> str:
         """The single-process parameter name of local parameter `name`."""
@@ -265,7 +312,8 @@ class ParallelTransformer(nn.Module):
         padding_mask_bn: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last stage: this tp rank's logits [b, n, V/tp] (float32); other stages: the hidden
-        states [n, b, c] for the next stage. `padding_mask_bn` is the full [b, N] mask."""
+        states [n, b, c] for the next stage ([n/tp, b, c] with sequence parallelism: this tp
+        rank's shard). `padding_mask_bn` is the full [b, N] mask."""
         if self.embed is not None:
             assert tokens_bn is not None
             x = self.embed(tokens_bn)
@@ -292,6 +340,39 @@ class ParallelTransformer(nn.Module):
         weight = None if holder is None else holder.weight
         assert weight is None or isinstance(weight, torch.Tensor)
         return weight
+
+    def sharded_pieces(
+        self, name: str, local: torch.Tensor
+    ) -> tuple[str, torch.Size, list[tuple[tuple[int, ...], torch.Tensor]]]:
+        """Where `local`, shaped like local parameter `name` (the parameter itself or, say, its
+        Adam moment), lies in the single-process model: (global name, global shape, pieces),
+        a piece being (offset in the global tensor, a view of `local`). The global tensors are
+        the unpadded single-process ones, so a checkpoint of pieces reshards to any tp / pp:
+        QKV gives three pieces ([q | k | v] of this rank's heads), SwiGLU's up two, the
+        vocab-sharded embedding / LM head its rows below vocab_size (none when all are
+        padding). The inverse of shard_param, piece by piece (train.model_space uses it)."""
+        gname = self.global_name(name)
+        tp, rank, args = self.layout.tp, self.groups.tp_rank, self.args
+        if gname.endswith(("embed.weight", "lm_head.weight")):
+            start = rank * local.shape[0]
+            rows = max(0, min(args.vocab_size - start, local.shape[0]))
+            shape = torch.Size([args.vocab_size, local.shape[1]])
+            return gname, shape, [((start, 0), local[:rows])] if rows else []
+        full_shape = torch.Size([local.shape[0] * tp, *local.shape[1:]])
+        if gname.endswith(("attn.out.weight", "mlp.down.weight")):
+            shape = torch.Size([local.shape[0], local.shape[1] * tp])
+            return gname, shape, [((0, rank * local.shape[1]), local)]
+        view, dim = _split_view(gname, full_shape, args)
+        if dim < 0:
+            return gname, local.shape, [((0,) * local.dim(), local)]
+        # [q | k | v] (3 parts) or [gate | up] (2 parts) or one part, each split over tp.
+        parts = view[0] if len(view) > local.dim() else 1
+        rows = local.shape[0] // parts
+        pieces: list[tuple[tuple[int, ...], torch.Tensor]] = [
+            ((part * rows * tp + rank * rows, 0), local[part * rows : (part + 1) * rows])
+            for part in range(parts)
+        ]
+        return gname, full_shape, pieces
 
 
 def parallel_lm_loss(

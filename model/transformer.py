@@ -134,8 +134,11 @@ class Attention(nn.Module):
         step: int,
         padding_mask_bn: torch.Tensor | None,
     ) -> torch.Tensor:
-        b, n, _ = x_bnc.shape
-        qkv = self.qkv(x_bnc).view(b, n, 3, self.local_heads, self.head_dim)
+        qkv = self.qkv(x_bnc)
+        # n from the projection: under Megatron's sequence parallelism x is this tensor-parallel
+        # rank's 1/tp of the sequence and the column projection all-gathers it.
+        b, n, _ = qkv.shape
+        qkv = qkv.view(b, n, 3, self.local_heads, self.head_dim)
         q_bhnd, k_bhnd, v_bhnd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
         k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)

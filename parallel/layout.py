@@ -8,7 +8,10 @@
 One object, validated when it is built and before any process group exists: the degrees
 multiply to the world size, tp divides the heads and the MLP width, pp the layers, cp the
 sequence blocks; the vocabulary is padded to a multiple of tp * VOCAB_MULTIPLE (Megatron's
-VocabParallelEmbedding splits rows evenly). Every failure is a ValueError naming the key.
+VocabParallelEmbedding splits rows evenly). With `sequence_parallel` (Megatron's tensor-parallel
+sequence parallelism) tp must be > 1 (refused otherwise, as Megatron's own config does: there is
+nothing to split over) and divide each cp rank's n = seq_len / cp tokens. Every failure is a
+ValueError naming the key.
 `initialize()` builds the groups with megatron-core's parallel_state (rank order tp, cp, dp, pp:
 tp varies fastest), so the cp group handed to `cp_sparse_attention` is Megatron's
 context-parallel group. Shapes: b batch, n tokens.
@@ -24,13 +27,33 @@ import torch.distributed as dist
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
 
-__all__ = ["Layout", "ParallelGroups", "VOCAB_MULTIPLE", "shard_sequence", "SEQUENCE_KEYS"]
+__all__ = [
+    "Layout",
+    "ParallelGroups",
+    "VOCAB_MULTIPLE",
+    "shard_sequence",
+    "SEQUENCE_KEYS",
+    "sequence_parallel_refusal",
+]
 
 VOCAB_MULTIPLE = 128
 """The vocabulary is padded to a multiple of tp * VOCAB_MULTIPLE rows (as Megatron does)."""
 
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 """Batch entries [b, n] that a context-parallel rank keeps only its slice of."""
+
+
+def sequence_parallel_refusal(tp: int, sequence_parallel: object) -> str | None:
+    """Why `parallel.sequence_parallel` cannot be used with `parallel.tp`, or None. Checked by
+    train.config when the config loads and by Layout when it is built."""
+    if not isinstance(sequence_parallel, bool):
+        return f"parallel.sequence_parallel={sequence_parallel!r} must be true or false"
+    if sequence_parallel and tp == 1:
+        return (
+            "parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks "
+            "and needs parallel.tp > 1, but parallel.tp=1; set it to false"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -70,12 +93,18 @@ class Layout:
     pp: int = 1
     cp: int = 1
     dp: int = 1
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: between the tensor-parallel regions (norms, residual
+    adds, pipeline sends) each tp rank holds 1/tp of the sequence instead of all of it."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "dp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel.{name}={value!r} must be a positive integer")
+        reason = sequence_parallel_refusal(self.tp, self.sequence_parallel)
+        if reason is not None:
+            raise ValueError(reason)
 
     @property
     def world_size(self) -> int:
@@ -90,9 +119,10 @@ class Layout:
         attention: SparsityConfig,
         seq_len: int,
     ) -> Layout:
-        """The layout of `parallel` (a ParallelArgs: tp, pp, cp and dp or None) on `world_size`
-        ranks, checked against the model and the sequence length."""
+        """The layout of `parallel` (a ParallelArgs: tp, pp, cp, dp or None, sequence_parallel)
+        on `world_size` ranks, checked against the model and the sequence length."""
         tp, pp, cp = (getattr(parallel, k) for k in ("tp", "pp", "cp"))
+        sequence_parallel = getattr(parallel, "sequence_parallel", False)
         dp = getattr(parallel, "dp", None)
         if dp is None:
             if world_size % (tp * pp * cp):
@@ -101,7 +131,7 @@ class Layout:
                     f"must divide the world size {world_size} (parallel.dp is derived from it)"
                 )
             dp = world_size // (tp * pp * cp)
-        layout = cls(tp, pp, cp, dp)
+        layout = cls(tp, pp, cp, dp, sequence_parallel=sequence_parallel)
         layout.check_world(world_size)
         layout.check_model(model, attention, seq_len)
         return layout
@@ -130,6 +160,13 @@ class Layout:
                 f"parallel.cp={self.cp} * attention.block_size={block} = {self.cp * block} must "
                 f"divide train.seq_len={seq_len} (each cp rank holds whole blocks)"
             )
+        n_local = seq_len // self.cp
+        if self.sequence_parallel and n_local % self.tp:
+            raise ValueError(
+                f"parallel.sequence_parallel=true splits each cp rank's train.seq_len / "
+                f"parallel.cp = {n_local} tokens over parallel.tp={self.tp} ranks, which must "
+                "divide them"
+            )
 
     def padded_vocab(self, vocab_size: int) -> int:
         """Rows of the vocab-parallel embedding: vocab_size rounded up to tp * VOCAB_MULTIPLE."""
@@ -141,9 +178,12 @@ class Layout:
         per = n_layers // self.pp
         return range(pp_rank * per, (pp_rank + 1) * per)
 
-    def initialize(self) -> ParallelGroups:
+    def initialize(self, timeout_minutes: float = 10.0) -> ParallelGroups:
         """Create the groups with megatron-core (torch.distributed must be initialised with
-        this layout's world size) and return them with this rank's coordinates."""
+        this layout's world size) and return them with this rank's coordinates. A collective
+        on them that waits longer than `timeout_minutes` fails (megatron-core's own default
+        is 30 minutes); each group carries megatron's `group_desc` (e.g.
+        CONTEXT_PARALLEL_GROUP); parallel.collective_timeout names the group in the error."""
         if not dist.is_initialized():
             raise RuntimeError("Layout.initialize needs torch.distributed to be initialised")
         from megatron.core import parallel_state as ps
@@ -154,6 +194,7 @@ class Layout:
             pipeline_model_parallel_size=self.pp,
             context_parallel_size=self.cp,
             create_gloo_process_groups=False,
+            distributed_timeout_minutes=timeout_minutes,  # type: ignore[arg-type]
         )
         return ParallelGroups(
             tp=ps.get_tensor_model_parallel_group(),

@@ -12,7 +12,8 @@ available (`apply_cpu_shims` returns False and patches nothing), and applying tw
 
 Covered call sites (megatron-core 0.16), by module:
 - tensor_parallel/layers.py: `torch.cuda.current_device()` as the device of the gathered
-  input / weight buffers (VocabParallelEmbedding, the linear layers' autograd functions).
+  input / weight buffers (VocabParallelEmbedding, the linear layers' autograd functions; with
+  sequence parallelism also the reduce-scattered input gradient of ColumnParallelLinear).
 - tensor_parallel/mappings.py: `torch.cuda.current_device()` for all-gather / reduce-scatter
   output buffers.
 - pipeline_parallel/p2p_communication.py: `torch.cuda.current_device()` for the shape and
@@ -31,7 +32,11 @@ Covered call sites (megatron-core 0.16), by module:
   parameters as `CudaTypedParameter`, whose `.type()` answers with the CUDA name.
 - optimizer/clip_grads.py: `device='cuda'` norm and overflow buffers of the gradient norm.
 - utils.py: `local_multi_tensor_l2_norm` returns its norm with `device="cuda"` (the fallback
-  used without Apex / Transformer Engine).
+  used without Apex / Transformer Engine); `GlobalMemoryBuffer` allocates on
+  `torch.cuda.current_device()` (ColumnParallelLinear's sequence-parallel all-gather buffer).
+Sequence parallelism needs no shim of its own: gloo has `all_gather_into_tensor` and
+`reduce_scatter_tensor` (fp32 and bf16, sync and async) in torch 2.13, the collectives
+megatron's mappings and linear layers call.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ fresh, with a warning, when there is none); `--resume auto` does the same silent
 launchers pass it, so that a restarted or requeued job continues); under a torchrun restart
 resuming is the default. The resolved config is written to `<train.run_dir>/config.yaml`.
 Multi-process launches (torchrun, multi-node, the deepspeed launcher, SLURM): docs/launch.md.
-SIGTERM / SIGUSR1 stop the run after a checkpoint (exit status 0, "preempted" printed).
+SIGTERM / SIGUSR1 stop the run after a checkpoint (exit status 0, "preempted" printed). Exit
+status 3: stopped by train.max_nan_skips NaN/Inf steps (after a checkpoint) or a hung collective.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import logging
 import os
 import sys
 
+from parallel.collective_timeout import CollectiveTimeout
 from train.config import load_config
+from train.engine import NonFiniteLossError
 from train.loop import RESUME_MODES, train
 
 
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CollectiveTimeout) as e:  # after a checkpoint / a hung peer
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 speaks for the run
     if result.preempted:

@@ -7,8 +7,9 @@
 Layout under `dir` (default `<run_dir>/checkpoints`):
 
     step_000100/state.pt     a complete checkpoint of a one-process run
-    step_000100/state_rank00003.pt   ... of rank 3 of a multi-process run (one file per rank),
-    step_000100/meta.json    with the world size that wrote it
+    step_000100/state_rank00003.pt   ... of rank 3 of a multi-process run (one file per rank)
+    step_000100/engine.tensors/      a `ShardedState` of the state (torch.distributed.checkpoint)
+    step_000100/meta.json    with the world size that wrote it and whether it reshards
     step_000200.tmp/         being written (or left by a crash): never loaded, removed later
     latest                   "step_000200", replaced atomically after the rename
 
@@ -16,8 +17,20 @@ A checkpoint is written into `step_N.tmp/` (every rank its file, flushed), then,
 rank has finished (a barrier), rank 0 renames it to `step_N/`; only then is `latest` replaced
 (tmp file + rename). A kill at any point leaves either the previous complete checkpoint or the
 new one, never a half-written directory that `load_latest` would pick.
-The state is a plain `torch.save` dict for this slice; issue 7 moves to sharded
-dist_checkpointing behind this same class.
+
+Async save (`checkpoint.async_save`, docs/checkpoints.md): `save` copies the ShardedState's
+pieces to CPU memory, writes the per-rank files, and returns while DCP writes the tensors from
+a background thread (its collectives on a gloo group of their own). The checkpoint stays
+`step_N.tmp/` until the next `save` or `finalize` (both collective, called by the loop between
+steps) has waited for every rank's write; then it is committed as above.
+
+Resharding (docs/checkpoints.md): a `ShardedState` value anywhere in the state (the Megatron
+engine's parameters and AdamW state, in the single-process model's names and unpadded shapes)
+is written with torch.distributed.checkpoint (DCP) into its own directory and comes back from
+`load_latest` as a `ShardedStateRef`, which fills any other layout's pieces. A checkpoint with
+one is `reshardable`: it loads under another world size (the run's other state then comes from
+rank 0's file, and `data_state_for` re-splits the data streams). Other checkpoints (one process,
+DeepSpeed's engine) still resume only under the world size that wrote them.
 """
 
 from __future__ import annotations
@@ -27,13 +40,21 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import time
+import warnings
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["CheckpointArgs", "CheckpointManager", "STATE_VERSION"]
+__all__ = [
+    "CheckpointArgs", "CheckpointManager", "STATE_VERSION", "ShardedState", "ShardedStateRef",
+    "Piece", "ShardedEngine", "check_compatible", "read_meta", "step_dir_of",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +63,16 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STATE_FILE = "state.pt"
 _META_FILE = "meta.json"
 
+Piece = tuple[tuple[int, ...], torch.Tensor]
+"""(offset in the global tensor, the local tensor holding that box of it)."""
+
 
 def _no_barrier() -> None:
     pass
+
+
+def _state_file(rank: int, world: int) -> str:
+    return _STATE_FILE if world == 1 else f"state_rank{rank:05d}.pt"
 
 
 @dataclass
@@ -57,16 +85,289 @@ class CheckpointArgs:
     """Save every this many steps (0: only at the end of training)."""
     keep_last: int = 2
     """Complete checkpoints to keep, oldest deleted first (0: keep all)."""
+    async_save: bool = False
+    """Write the Megatron engine's sharded tensors in the background (DCP's async_save): a save
+    blocks only to copy them to CPU memory, and the checkpoint is committed at the next save or
+    at the end of the run. Engines without sharded tensors (LocalEngine, DeepSpeed) save
+    synchronously, with a note in the log (docs/checkpoints.md)."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"checkpoint.every={self.every!r} must be >= 0 (0 = only at end)")
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={self.keep_last!r} must be >= 0 (0 = all)")
+        if not isinstance(self.async_save, bool):
+            raise ValueError(f"checkpoint.async_save={self.async_save!r} must be true or false")
+
+
+# ---- sharded tensors in model space ----------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    shape: torch.Size
+    pieces: list[Piece]
+    write: bool
+
+
+class ShardedState:
+    """This rank's pieces of global tensors, saved and loaded collectively with DCP.
+
+    `add(key, global_shape, pieces, write)`: `pieces` are boxes of the global tensor `key` that
+    this rank holds; `write=False` marks a replica that another rank writes (each box is
+    written once; on load every rank reads all of its pieces, whatever layout wrote them).
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+
+    def add(self, key: str, shape: torch.Size, pieces: list[Piece], write: bool = True) -> None:
+        for offset, tensor in pieces:
+            if len(offset) != len(shape) or any(
+                o + s > g for o, s, g in zip(offset, tensor.shape, shape, strict=True)
+            ):
+                raise ValueError(f"{key}: {list(tensor.shape)} at {offset} is outside {shape}")
+        self.entries[key] = _Entry(torch.Size(shape), pieces, write)
+
+    def _dcp_dict(
+        self, writing: bool, staged: bool = False
+    ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, Any]]]:
+        """DCP's view: a torch ShardedTensor per key and the (destination, buffer) copies to
+        make after a load. DCP's planners read only this rank's shards; the global metadata
+        must still tile the tensor, so the rest is described as other ranks' (`_fillers`).
+        `staged`: the written pieces are copies in CPU memory, not views of the tensors."""
+        from torch.distributed._shard.metadata import ShardMetadata
+        from torch.distributed._shard.sharded_tensor import Shard
+        from torch.distributed._shard.sharded_tensor import ShardedTensor as TorchSharded
+        from torch.distributed._shard.sharded_tensor.metadata import (
+            ShardedTensorMetadata,
+            TensorProperties,
+        )
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        out: dict[str, Any] = {}
+        copies = []
+        for key, entry in self.entries.items():
+            if (writing and not entry.write) or not entry.pieces:
+                continue
+            shards = []
+            for offset, tensor in entry.pieces:
+                if staged:
+                    buffer = tensor.detach().to("cpu", copy=True).contiguous()
+                elif writing:
+                    buffer = tensor.detach().contiguous()
+                else:
+                    buffer = torch.empty_like(tensor)
+                copies.append((tensor, buffer))
+                place = f"rank:{rank}/{buffer.device}"
+                shards.append(Shard(buffer, ShardMetadata(list(offset), list(tensor.shape), place)))
+            others = [
+                ShardMetadata(list(offset), list(size), f"rank:{(rank + 1) % world}/cpu")
+                for offset, size in _fillers(key, entry)
+            ]
+            if others and world == 1:
+                raise ValueError(f"{key}: a one-process state must hold the whole tensor")
+            metadata = ShardedTensorMetadata(
+                [s.metadata for s in shards] + others,
+                entry.shape,
+                TensorProperties(dtype=entry.pieces[0][1].dtype),
+            )
+            out[key] = TorchSharded._init_from_local_shards_and_global_metadata(shards, metadata)
+        return out, copies
+
+    def save(self, path: Path) -> None:
+        """Collective (every rank of the default group): write the pieces marked `write`."""
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet_sharded_tensor():
+            state, _ = self._dcp_dict(writing=True)
+            writer = dcp.FileSystemWriter(path)
+            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+
+    def save_async(self, path: Path, group: Any) -> Future:
+        """Like `save` (every rank calls it), but returns once this rank's pieces are copied to
+        CPU memory (the tensors may change right after); DCP writes them from a background thread
+        whose collectives go over `group`, a gloo group that nothing else uses (the training's
+        groups may be busy in the main thread). The future's result is DCP's metadata."""
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet_sharded_tensor():
+            state, _ = self._dcp_dict(writing=True, staged=True)
+            future = dcp.async_save(
+                state,
+                storage_writer=dcp.FileSystemWriter(path),
+                process_group=group,
+                async_stager=_already_staged(),
+                no_dist=not dist.is_initialized(),
+            )
+        assert isinstance(future, Future)  # an AsyncSaveResponse only for a staging Future
+        return future
+
+
+def _already_staged() -> Any:
+    """A DCP stager that passes the state through: `_dcp_dict(staged=True)` copied it already
+    (the FileSystemWriter's own staging, BlockingAsyncStager, would copy it a second time)."""
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    class AlreadyStaged(AsyncStager):
+        _synchronize_after_execute = False
+
+        def stage(self, state_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+            return state_dict
+
+        def synchronize_staging(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return AlreadyStaged()
+
+
+@contextmanager
+def _quiet_sharded_tensor():
+    """torch deprecates ShardedTensor for DTensor, which cannot describe a rank holding several
+    boxes (QKV's [q | k | v]) or uneven ones (the unpadded vocab); megatron-core's DCP backend
+    uses ShardedTensor for the same reason. Its FutureWarning on every use is noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
+        yield
+
+
+def _fillers(key: str, entry: _Entry) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes (offset, size) tiling what `entry`'s pieces leave out of the global tensor. The
+    pieces of one rank differ from the whole tensor along one axis only (row or column
+    ranges of a tp shard), so the rest is the complement of intervals on that axis."""
+    shape = entry.shape
+    axes = {
+        d
+        for offset, tensor in entry.pieces
+        for d in range(len(shape))
+        if tensor.shape[d] != shape[d]
+    }
+    if not axes:
+        return []
+    if len(axes) > 1:
+        raise ValueError(f"{key}: pieces split along several axes {sorted(axes)}")
+    (axis,) = axes
+    spans = sorted((o[axis], o[axis] + t.shape[axis]) for o, t in entry.pieces)
+    gaps, cursor = [], 0
+    for start, end in [*spans, (shape[axis], shape[axis])]:
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    boxes = []
+    for start, end in gaps:
+        offset = [0] * len(shape)
+        size = list(shape)
+        offset[axis], size[axis] = start, end - start
+        boxes.append((tuple(offset), tuple(size)))
+    return boxes
+
+
+@dataclass
+class ShardedStateRef:
+    """What a saved ShardedState becomes in a loaded state: fills another layout's pieces."""
+
+    name: str
+    """Directory of the DCP checkpoint inside the step directory."""
+    path: Path | None = field(default=None, compare=False)
+    """Set by CheckpointManager.load_latest to the directory to read."""
+
+    def shapes(self) -> dict[str, torch.Size]:
+        """The global shape of every tensor in the checkpoint."""
+        import torch.distributed.checkpoint as dcp
+
+        metadata = dcp.FileSystemReader(self._path()).read_metadata()
+        return {
+            k: torch.Size(v.size)
+            for k, v in metadata.state_dict_metadata.items()
+            if hasattr(v, "size")
+        }
+
+    def load_into(self, template: ShardedState) -> None:
+        """Collective when torch.distributed is initialised: read every piece of `template`
+        (whatever layout wrote the checkpoint) and copy it into the template's tensors."""
+        import torch.distributed.checkpoint as dcp
+
+        saved = self.shapes()
+        for key, entry in template.entries.items():
+            if key not in saved:
+                raise ValueError(f"the checkpoint {self._path()} has no tensor {key!r}")
+            if saved[key] != entry.shape:
+                raise ValueError(
+                    f"{key} is {list(saved[key])} in the checkpoint {self._path()} but "
+                    f"{list(entry.shape)} in this run (another model)"
+                )
+        with _quiet_sharded_tensor():
+            state, copies = template._dcp_dict(writing=False)
+            dcp.load(
+                state,
+                storage_reader=dcp.FileSystemReader(self._path()),
+                no_dist=not dist.is_initialized(),
+            )
+        with torch.no_grad():
+            for dest, buffer in copies:
+                dest.copy_(buffer)
+
+    def _path(self) -> Path:
+        if self.path is None:
+            raise RuntimeError(f"ShardedStateRef {self.name!r} was not resolved by load_latest")
+        return self.path
+
+
+def _sharded_values(state: dict[str, Any], prefix: str = "") -> list[tuple[str, dict, str]]:
+    """(directory name, holding dict, key) of each ShardedState / ShardedStateRef value, at the
+    top level or one dict below."""
+    found = []
+    for key, value in state.items():
+        if isinstance(value, (ShardedState, ShardedStateRef)):
+            found.append((prefix + key, state, key))
+        elif isinstance(value, dict) and not prefix:
+            found += _sharded_values(value, prefix=f"{key}.")
+    return found
+
+
+@runtime_checkable
+class ShardedEngine(Protocol):
+    """An engine whose checkpoint state holds a ShardedState (the Megatron engine): the loop
+    saves `sharded_state_dict()` instead of `state_dict()`, and it loads under any layout."""
+
+    def sharded_state_dict(self) -> dict[str, Any]: ...
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ---- the manager -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A checkpoint whose tensors are being written in the background (`step_N.tmp/`)."""
+
+    step: int
+    tmp: Path
+    info: dict[str, Any]
+    """Its meta.json."""
+    writes: list[tuple[Path, Future]]
+    """(DCP directory, the background write's future)."""
+    blocked_s: float
+    """Seconds the save blocked the loop (copying to CPU memory, the per-rank files)."""
+    started: float
+    """time.perf_counter() when the writes were handed to DCP."""
+    finished: list[float] = field(default_factory=list)
+    """time.perf_counter() when each write finished (set from the writer thread)."""
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    """meta.json of a complete step directory ({} for a one-process checkpoint without it)."""
+    path = step_dir / _META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class CheckpointManager:
-    """Saves, finds and loads whole-run checkpoints of one single-process run."""
+    """Saves, finds and loads whole-run checkpoints of a run of `world` processes."""
 
     def __init__(
         self,
@@ -81,7 +382,10 @@ class CheckpointManager:
         self.args = args
         self.dir = Path(args.dir) if args.dir else Path(run_dir) / "checkpoints"
         self.rank, self.world, self.barrier = rank, world, barrier
-        self.state_file = _STATE_FILE if world == 1 else f"state_rank{rank:05d}.pt"
+        self.state_file = _state_file(rank, world)
+        self._pending: _Pending | None = None
+        self._async_group: Any = None
+        self._noted_sync = False
 
     def should_save(self, step: int) -> bool:
         return self.args.every > 0 and step % self.args.every == 0
@@ -100,8 +404,31 @@ class CheckpointManager:
     def path_of(self, step: int) -> Path:
         return self.dir / f"step_{step:06d}"
 
-    def save(self, step: int, state: dict[str, Any], config: dict[str, Any]) -> Path:
-        """Write `state` (plus version, step and the resolved config) as checkpoint `step`."""
+    def newest_meta(self) -> dict[str, Any] | None:
+        """meta.json of the newest complete checkpoint (None when there is none)."""
+        steps = self.complete_steps()
+        return read_meta(self.path_of(steps[-1])) if steps else None
+
+    def saved_engine(self) -> str | None:
+        """The engine that wrote the newest complete checkpoint, when it says."""
+        meta = self.newest_meta()
+        return None if meta is None else meta.get("engine")
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        config: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write `state` (plus version, step and the resolved config) as checkpoint `step` and
+        return its directory; `meta` (rank 0's) goes into meta.json. Every ShardedState in
+        `state` is written with DCP (collectively), the rest into this rank's file. With
+        checkpoint.async_save, the ShardedStates are written in the background and the
+        checkpoint is committed by the next save or `finalize` (it is `step_N.tmp/` until
+        then); this call first commits the previous one."""
+        self._commit_pending()
+        t0 = time.perf_counter()
         final = self.path_of(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -110,43 +437,118 @@ class CheckpointManager:
             tmp.mkdir()
         self.barrier()  # the directory exists for every rank
         payload = {**state, "version": STATE_VERSION, "step": step, "config": config}
+        sharded = _sharded_values(payload)
+        background = self.args.async_save and bool(sharded)
+        if self.args.async_save and not sharded and not self._noted_sync:
+            self._noted_sync = True
+            log.info(
+                "checkpoint.async_save=true: the %s engine's checkpoints have no sharded "
+                "tensors (only train.engine=megatron's do); saving synchronously",
+                (meta or {}).get("engine", "this"),
+            )
+        if background and self._async_group is None and dist.is_initialized():
+            self._async_group = dist.new_group(backend="gloo")  # collective: every rank is here
+        payload = _replace_sharded(payload)
+        writes = []
+        target = tmp
+        t_write = time.perf_counter()
         try:
-            with open(tmp / self.state_file, "wb") as f:
+            for name, holder, key in sharded:
+                target = tmp / name
+                if background:
+                    writes.append((target, holder[key].save_async(target, self._async_group)))
+                else:
+                    holder[key].save(target)
+            target = tmp / self.state_file
+            with open(target, "wb") as f:
                 torch.save(payload, f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
-            raise OSError(
-                f"cannot write checkpoint {tmp / self.state_file}: {e.strerror or e} "
-                "(disk full or no permission?); the previous checkpoint is untouched"
-            ) from e
-        self.barrier()  # every rank's file is on disk
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if (error := _write_error(target, e)) is None:
+                raise
+            raise error from e
+        info = {"step": step, "world": self.world, "reshardable": bool(sharded), **(meta or {})}
+        if background:
+            pending = _Pending(step, tmp, info, writes, 0.0, t_write)
+            for _, future in writes:
+                future.add_done_callback(lambda _: pending.finished.append(time.perf_counter()))
+            pending.blocked_s = time.perf_counter() - t0
+            self._pending = pending
+            return final
+        self._commit(step, tmp, info)
         if self.rank == 0:
-            (tmp / _META_FILE).write_text(json.dumps({"step": step, "world": self.world}))
+            log.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - t0)
+        return final
+
+    def finalize(self) -> None:
+        """Commit the checkpoint being written in the background, if any, and release the
+        background writer's process group. Collective: every rank calls it at the same point
+        (the loop: at the end of training, after a preemption's save, before a NaN stop)."""
+        self._commit_pending()
+        if self._async_group is not None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
+    def _commit_pending(self) -> None:
+        """Wait for this rank's background writes, then commit (collective)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        for target, future in pending.writes:
+            try:
+                future.result()
+            except BaseException as e:
+                if (error := _write_error(target, e)) is None:
+                    raise
+                raise error from e
+        waited_s = time.perf_counter() - t0
+        # A future's callbacks run just after result() returns: a missing time is about now.
+        finished = max(pending.finished, default=time.perf_counter())
+        final = self._commit(pending.step, pending.tmp, pending.info)
+        if self.rank == 0:
+            log.info(
+                "saved checkpoint %s: save() blocked %.2f s, the tensors were written in the "
+                "background in %.2f s (the commit waited %.2f s for them)",
+                final, pending.blocked_s, finished - pending.started, waited_s,
+            )  # fmt: skip
+
+    def _commit(self, step: int, tmp: Path, info: dict[str, Any]) -> Path:
+        """Every rank's files are written: rank 0 renames `tmp` and points `latest` at it."""
+        final = self.path_of(step)
+        self.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            (tmp / _META_FILE).write_text(json.dumps(info))
             if final.exists():  # re-saving a step (a resumed run that ends where it started)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._write_latest(final.name)
             self._apply_retention()
-            log.info("saved checkpoint %s", final)
         self.barrier()  # nobody looks for the checkpoint before it is committed
         return final
 
     def load_latest(self, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The newest complete checkpoint's state, or None when there is none. With `config`,
-        refuse (ValueError) a checkpoint written for a different model."""
+        refuse (ValueError) a checkpoint written for a different model. Under another world
+        size only a reshardable checkpoint loads (rank 0's file; `saved_world` tells)."""
         steps = self.complete_steps()
         if not steps:
             return None
-        meta_path = self.path_of(steps[-1]) / _META_FILE
-        if meta_path.is_file():
-            world = json.loads(meta_path.read_text())["world"]
-            if world != self.world:
+        step_dir = self.path_of(steps[-1])
+        meta = read_meta(step_dir)
+        world = meta.get("world", 1)
+        path = step_dir / self.state_file
+        if world != self.world:
+            if not meta.get("reshardable"):
+                engine = f" by the {meta['engine']} engine" if "engine" in meta else ""
                 raise ValueError(
-                    f"checkpoint {meta_path.parent} was written by {world} processes; this run "
-                    f"has {self.world} (resuming under another world size is not supported yet)"
+                    f"checkpoint {step_dir} was written{engine} by {world} processes; this run "
+                    f"has {self.world}, and only the Megatron engine's checkpoints reshard: "
+                    f"resume with {world} processes"
                 )
-        path = self.path_of(steps[-1]) / self.state_file
+            path = step_dir / _state_file(0, world)
+            log.info("checkpoint %s was written by %d processes: resharding", step_dir, world)
         # weights_only=False: the state holds RNG states and the config, and is our own file.
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("version") != STATE_VERSION:
@@ -156,8 +558,36 @@ class CheckpointManager:
             )
         if config is not None:
             check_compatible(state["config"], config, str(path))
+        for name, holder, key in _sharded_values(state):
+            holder[key].path = step_dir / name
+        state["saved_world"] = world
+        state["step_dir"] = step_dir
         log.info("loaded checkpoint %s (step %d)", path.parent, state["step"])
         return state
+
+    def data_state_for(self, state: dict[str, Any], order: dict[str, Any]) -> dict[str, Any]:
+        """The data-stream state for a stream whose layout is `order` (its state_dict's
+        "order"): the loaded one when the layouts agree, else the one of the same dp rank of
+        the saved run, else the merge of all saved dp ranks' states (data.reshard), which
+        re-splits them over the new dp size / workers."""
+        from data.reshard import merge_rank_states
+
+        if state["data"].get("order") == order:
+            return state["data"]
+        step_dir: Path = state["step_dir"]
+        files = sorted(step_dir.glob("state_rank*.pt")) or [step_dir / _STATE_FILE]
+        by_dp: dict[int, dict] = {}
+        for path in files:
+            data = torch.load(path, map_location="cpu", weights_only=False)["data"]
+            by_dp.setdefault(data["order"]["dp_rank"], data)
+        for data in by_dp.values():
+            if data["order"] == order:
+                return data
+        log.info(
+            "the data streams were saved by %d dp ranks; merging them for dp_size=%s",
+            len(by_dp), order.get("dp_size"),
+        )  # fmt: skip
+        return merge_rank_states([by_dp[r] for r in sorted(by_dp)])
 
     def _write_latest(self, name: str) -> None:
         tmp = self.dir / "latest.tmp"
@@ -174,6 +604,53 @@ class CheckpointManager:
             return
         for step in self.complete_steps()[: -self.args.keep_last]:
             shutil.rmtree(self.path_of(step), ignore_errors=True)
+
+
+def _write_error(target: Path, e: BaseException) -> OSError | None:
+    """`e` (raised writing `target`) as an OSError that says what to check, when it is one."""
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, trace)}
+    cause = next(iter(failures.values()))[0] if failures else e
+    text = str(cause)
+    if isinstance(cause, OSError) or "No space left" in text or "Permission denied" in text:
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else text
+        return OSError(
+            f"cannot write checkpoint {target}: {reason} (disk full or no permission?); the "
+            "previous checkpoint is untouched"
+        )
+    return None
+
+
+def _replace_sharded(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `state` (and of its dicts holding one) with ShardedStateRefs for the
+    ShardedStates."""
+    out = dict(state)
+    for name, holder, key in _sharded_values(state):
+        if holder is state:
+            out[key] = ShardedStateRef(name)
+        else:
+            parent = name.split(".", 1)[0]
+            out[parent] = {**out[parent], key: ShardedStateRef(name)}
+    return out
+
+
+def step_dir_of(path: str | os.PathLike) -> Path:
+    """The step directory `path` names: itself (step_N), or the newest complete checkpoint of a
+    checkpoint directory or of a run directory (its `checkpoints/`); FileNotFoundError saying
+    what is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if _STEP_DIR.match(path.name):
+        if not (path / _META_FILE).is_file() and not (path / _STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_META_FILE})")
+        return path
+    if path.name.endswith(".tmp"):
+        raise FileNotFoundError(f"{path} is an incomplete checkpoint (a save that did not finish)")
+    for candidate in (path, path / "checkpoints"):
+        steps = CheckpointManager(CheckpointArgs(dir=str(candidate)), path).complete_steps()
+        if steps:
+            return candidate / f"step_{steps[-1]:06d}"
+    raise FileNotFoundError(f"no complete checkpoint (step_N/ with {_META_FILE}) in {path}")
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:

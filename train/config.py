@@ -29,6 +29,7 @@ import yaml
 from data.loader import DataArgs
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
+from parallel.layout import sequence_parallel_refusal
 from train.checkpoint import CheckpointArgs
 from train.deepspeed_engine import DeepSpeedArgs, deepspeed_refusal
 from train.engine import OptimArgs, ScheduleArgs
@@ -76,13 +77,16 @@ class TrainArgs:
     distributed optimizer; tp, pp, cp, dp), deepspeed (DeepSpeed ZeRO over cp x dp, settings in
     the deepspeed section) or auto (local for one process without parallel degrees, else
     megatron)."""
+    max_nan_skips: int = 3
+    """A step whose loss is NaN or Inf on any rank is skipped (no update) and counted; this many
+    consecutive skips stop the run after a checkpoint, naming the step. 0: never stop."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_batches"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"train.{name}={value!r} must be a positive integer")
-        for name in ("seed", "eval_every"):
+        for name in ("seed", "eval_every", "max_nan_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -103,12 +107,25 @@ class ParallelArgs:
     """Context-parallel degree (the sequence split across ranks, halo exchange)."""
     dp: int | None = None
     """Data-parallel degree; null means world_size / (tp * pp * cp)."""
+    sequence_parallel: bool = False
+    """Megatron's tensor-parallel sequence parallelism (Megatron-LM's --sequence-parallel):
+    norms, residual adds and pipeline sends work on 1/tp of the sequence per tp rank (all-gather
+    before, reduce-scatter after each tp region instead of an all-reduce). The same result with
+    less activation memory. Needs tp > 1 (refused otherwise) dividing seq_len / cp."""
+    timeout_minutes: float = 10.0
+    """A collective that waits longer than this fails with an error naming its group (tp, pp,
+    cp, dp, ...) instead of hanging; fractions allowed (tests use seconds)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "dp"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"parallel.{name}={value!r} must be a positive integer")
+        if not self.timeout_minutes > 0:
+            raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes!r} must be positive")
+        reason = sequence_parallel_refusal(self.tp, self.sequence_parallel)
+        if reason is not None:
+            raise ValueError(reason)
 
 
 @dataclass
@@ -155,7 +172,7 @@ class Config:
                 f"parallel.pp={par.pp} must divide model.n_layers={self.model.n_layers}"
             )
         if self.train.engine == "deepspeed":
-            reason = deepspeed_refusal(par.tp, par.pp)
+            reason = deepspeed_refusal(par.pp)
             if reason is not None:
                 raise ValueError(reason)
         n_blocks = seq_len // attn.block_size

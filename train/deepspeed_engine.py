@@ -1,5 +1,5 @@
-"""The DeepSpeed engine: ZeRO stage 1, 2 or 3 data parallelism (with our context parallelism)
-behind `Engine`.
+"""The DeepSpeed engine: ZeRO stage 1, 2 or 3 data parallelism, composed with our context
+parallelism and Megatron tensor parallelism, behind `Engine`.
 
     layout = Layout.create(cfg.parallel, world_size, cfg.model, cfg.attention, cfg.train.seq_len)
     groups = layout.initialize()          # after torch.distributed.init_process_group
@@ -11,27 +11,35 @@ behind `Engine`.
     engine.save_checkpoint("runs/x/checkpoints/engine", "step_000010")  # DeepSpeed's own
 
 Selected with `train.engine: deepspeed`; the recipe's `deepspeed:` section is `DeepSpeedArgs`.
-The model is the single-device `Transformer` whose attention is `cp_sparse_attention` over the
-cp group (plain `sparse_attention` for cp=1), wrapped by `deepspeed.initialize` with torch's
-AdamW (same parameter groups as LocalEngine: decay on matrices only). DeepSpeed owns the
-gradient accumulation (`gradient_accumulation_steps` = train.grad_accum: `engine.step()` after
-every micro-batch updates at the boundary), the gradient all-reduce / reduce-scatter and ZeRO's
-partitioning over all ranks, clipping (`gradient_clipping` = optim.grad_clip) and bf16
-(optim.precision=bf16: bf16 parameters and activations, fp32 master weights in ZeRO's
-partitions). Every rank is a DeepSpeed data-parallel rank: with tp = pp = 1 the ranks whose
-gradients are summed (data x context) are the whole world, so DeepSpeed needs no `mpu`. Each
-rank back-propagates its (cp slice's) summed loss divided by the tokens of the whole step and
-multiplied by the world size, which undoes DeepSpeed's averaging over ranks: the update equals
-the single-process LocalEngine step on all ranks' micro-batches
+The model is the single-device `Transformer` for tp = 1, or for tp > 1 this tp rank's
+model.parallel_transformer.ParallelTransformer (Megatron-core column / row / vocab-parallel
+layers, weights sliced from the same seed's Transformer, vocab-parallel cross entropy); its
+attention is `cp_sparse_attention` over the cp group (plain `sparse_attention` for cp = 1).
+It is wrapped by `deepspeed.initialize` with torch's AdamW (same parameter groups as
+LocalEngine: decay on matrices only) and `ModelParallelUnit`, our groups in Megatron's `mpu`
+interface: DeepSpeed's data-parallel group is data x context (`groups.dp_cp`), its
+model-parallel group the tp group. DeepSpeed owns the gradient accumulation
+(`gradient_accumulation_steps` = train.grad_accum: `engine.step()` after every micro-batch
+updates at the boundary), the gradient all-reduce / reduce-scatter and ZeRO's partitioning over
+the data x context ranks, clipping (`gradient_clipping` = optim.grad_clip; the norm sums the
+squares of the tp shards, marked `tensor_model_parallel`, over the tp group and counts the
+replicated norms' once) and bf16 (optim.precision=bf16: bf16 parameters and activations, fp32
+master weights in ZeRO's partitions). With parallel.sequence_parallel (tp > 1, Megatron's
+sequence parallelism in the stage) the norm weights' gradients are summed over tp by a hook
+(`_sum_over`), the step Megatron's finalize_model_grads would take. Each rank back-propagates
+its (cp slice's) summed loss divided by the tokens of the whole step and multiplied by the
+data x context size, which undoes DeepSpeed's averaging over those ranks (tp ranks hold the
+same tokens): the update equals the single-process LocalEngine step on all ranks' micro-batches
 (tests/distributed/test_deepspeed_parity.py). The learning rate follows lr_at, set on the
 optimizer's groups each step (so resume needs no scheduler state).
-Refused with a ValueError naming the key: parallel.tp > 1 (Megatron's tensor-parallel layers
-and vocab-parallel loss are not wired into DeepSpeed here; use train.engine=megatron) and
-parallel.pp > 1 (DeepSpeed's pipeline engine needs a PipelineModule, which this model is not).
-Checkpoints are DeepSpeed's (`save_checkpoint` / `load_checkpoint`: model states on rank 0 and
-one ZeRO optimizer shard per rank), called by the loop next to its own per-rank file; ZeRO-3's
-fp32 weights can be gathered offline with deepspeed.utils.zero_to_fp32. On CPU DeepSpeed's
-shared-memory all-reduce op is not built (`deepspeed.shm_comm`): gloo carries every collective.
+Refused with a ValueError naming the key: parallel.pp > 1 (DeepSpeed's pipeline engine needs a
+PipelineModule, which this model is not; use train.engine=megatron).
+Checkpoints are DeepSpeed's (`save_checkpoint` / `load_checkpoint`: model states per tp rank,
+`mp_rank_XX_model_states.pt`, and one ZeRO optimizer shard per rank), called by the loop next
+to its own per-rank file; a resume needs the same layout. With tp = 1 ZeRO's fp32 weights can
+be gathered offline with deepspeed.utils.zero_to_fp32 (it does not join tp shards; with tp > 1
+use `full_parameters`). On CPU DeepSpeed's shared-memory all-reduce op is not built
+(`deepspeed.shm_comm`): gloo carries every collective.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,9 +60,21 @@ from torch import nn
 
 from model.sparse import SparsityConfig, sparse_attention
 from model.transformer import ModelArgs, Transformer, lm_loss
-from train.engine import Engine, OptimArgs, ScheduleArgs, StepStats, _param_groups, lr_at
+from parallel.traffic import TrafficCounter
+from train.engine import (
+    Engine,
+    OptimArgs,
+    ScheduleArgs,
+    StepStats,
+    _param_groups,
+    lr_at,
+    nonfinite_on_any_rank,
+    sync_clock,
+)
+from train.preemption import injected_nan
 
 if TYPE_CHECKING:
+    from model.parallel_transformer import ParallelTransformer
     from parallel.layout import Layout, ParallelGroups
 
 __all__ = ["DeepSpeedArgs", "DeepSpeedEngine", "deepspeed_refusal", "OWNED_KEYS"]
@@ -108,15 +130,9 @@ class DeepSpeedArgs:
             )
 
 
-def deepspeed_refusal(tp: int, pp: int) -> str | None:
-    """Why train.engine=deepspeed cannot run the layout (tp, pp), or None when it can."""
-    if tp > 1:
-        return (
-            f"parallel.tp={tp} with train.engine=deepspeed is not supported: Megatron's tensor-"
-            "parallel layers and vocab-parallel loss are wired into the Megatron engine only "
-            "(DeepSpeed would need Megatron's mpu and its own tp-aware checkpoints); use "
-            "train.engine=megatron for tensor parallelism, or parallel.tp=1"
-        )
+def deepspeed_refusal(pp: int) -> str | None:
+    """Why train.engine=deepspeed cannot run `parallel.pp=pp`, or None when it can (every tp,
+    cp and dp can)."""
     if pp > 1:
         return (
             f"parallel.pp={pp} with train.engine=deepspeed is not supported: DeepSpeed's pipeline "
@@ -124,6 +140,71 @@ def deepspeed_refusal(tp: int, pp: int) -> str | None:
             "not; use train.engine=megatron for pipeline parallelism, or parallel.pp=1"
         )
     return None
+
+
+class ModelParallelUnit:
+    """Megatron's `mpu` interface over our groups, for `deepspeed.initialize(mpu=...)`.
+
+    DeepSpeed asks it for its data-parallel group (gradient all-reduce / reduce-scatter, ZeRO
+    partitions, the parameter broadcast at start-up, the train_batch_size check) and its
+    model-parallel group (the gradient norm: the squares of parameters marked
+    `tensor_model_parallel` are summed over it, the others counted on model-parallel rank 0
+    only; the checkpoint's mp_rank). Data parallel here is data x context (`groups.dp_cp`):
+    context-parallel ranks hold slices of the same sequences whose gradients are summed like
+    data-parallel ones. Model parallel is the tp group (pp is 1). No sequence-parallel
+    methods: DeepSpeed would take them for its own Ulysses layout.
+    """
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.dp_cp
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.groups.dp_cp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.dp_cp.size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.groups.dp_cp)
+
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.tp
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.groups.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.groups.tp.size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self.groups.tp)[0]
+
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.pp
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.groups.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.groups.pp.size()
+
+
+def _sum_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """A gradient hook for sequence parallelism: the norm weights are replicated over tp but
+    each rank's gradient covers only its 1/tp of the sequence, so it is summed over the tp
+    group as it is computed, before DeepSpeed's hooks accumulate and reduce it (what Megatron's
+    finalize_model_grads does for the parameters marked `sequence_parallel`). Every tp rank
+    runs the same backward, so the all-reduces line up."""
+    total = grad.clone()
+    dist.all_reduce(total, group=group)
+    return total
 
 
 def _skip_shm_comm() -> None:
@@ -135,6 +216,22 @@ def _skip_shm_comm() -> None:
 
     if "__compatible_ops__" not in vars(deepspeed.ops):
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _optimizer_step_suppressed(ds: Any, suppress: bool) -> Iterator[None]:
+    """While active (when `suppress`), the optimizer inside DeepSpeed's engine does not step:
+    `engine.step()` at the accumulation boundary then only zeroes the gradients and advances
+    DeepSpeed's counters, leaving parameters and optimizer state as they were."""
+    if not suppress:
+        yield
+        return
+    optimizer = ds.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del optimizer.step
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +284,7 @@ class DeepSpeedEngine:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        reason = deepspeed_refusal(layout.tp, layout.pp)
+        reason = deepspeed_refusal(layout.pp)
         if reason is not None:
             raise ValueError(reason)
         import deepspeed
@@ -197,24 +294,62 @@ class DeepSpeedEngine:
         self.device = torch.device(device)
         self.layout, self.groups = layout, groups
         self.optim_args, self.schedule_args, self.args = optim, schedule, args
+        self.model_args = model_args
         self.total_steps = total_steps
         self.micro_batches = micro_batches
-        self.world = dist.get_world_size()
-        attention_fn: Any = sparse_attention
-        if layout.cp > 1:
-            from parallel.context_parallel import cp_sparse_attention
-
-            attention_fn = functools.partial(cp_sparse_attention, group=groups.cp)
-        module = Transformer(model_args, attn_cfg, attention_fn=attention_fn, seed=seed)
-        module.to(self.device)
+        self.mpu = ModelParallelUnit(groups)
+        self.stage: ParallelTransformer | None = None  # the model when tp > 1
+        self.traffic = TrafficCounter() if layout.cp > 1 else None
+        """Bytes and time of the context-parallel exchanges (None without cp)."""
+        module = self._build_module(model_args, attn_cfg, seed)
         optimizer = torch.optim.AdamW(
             _param_groups(module, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
         )
-        self.config = deepspeed_config(args, optim, micro_batch_size, micro_batches, self.world)
+        self.config = deepspeed_config(
+            args, optim, micro_batch_size, micro_batches, self.mpu.get_data_parallel_world_size()
+        )
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=self.config, dist_init_required=False
+            model=module,
+            optimizer=optimizer,
+            config=self.config,
+            mpu=self.mpu,
+            dist_init_required=False,
         )
         self.model: nn.Module = self.ds.module
+
+    def _build_module(
+        self, model_args: ModelArgs, attn_cfg: SparsityConfig, seed: int
+    ) -> nn.Module:
+        """The Transformer (tp = 1) or this tp rank's ParallelTransformer (tp > 1: Megatron's
+        column / row / vocab-parallel layers, sliced from the same seed's weights), with
+        cp_sparse_attention over the cp group when cp > 1."""
+        if self.layout.tp == 1:
+            attention_fn: Any = sparse_attention
+            if self.layout.cp > 1:
+                from parallel.context_parallel import cp_sparse_attention
+
+                attention_fn = functools.partial(
+                    cp_sparse_attention, group=self.groups.cp, traffic=self.traffic
+                )
+            module: nn.Module = Transformer(
+                model_args, attn_cfg, attention_fn=attention_fn, seed=seed
+            )
+            return module.to(self.device)
+        from model.parallel_transformer import ParallelTransformer
+        from parallel.megatron_shims import apply_cpu_shims
+
+        apply_cpu_shims()
+        self.stage = ParallelTransformer(
+            model_args, attn_cfg, self.layout, self.groups, seed,
+            params_dtype=self.optim_args.dtype, traffic=self.traffic,
+        )  # fmt: skip
+        if self.layout.sequence_parallel:
+            for param in self.stage.parameters():
+                if getattr(param, "sequence_parallel", False):
+                    param.register_hook(functools.partial(_sum_over, group=self.groups.tp))
+        # ZeRO-3: the LM head's use of the tied embedding weight (read as `self.embed.weight`
+        # during the forward) is detected and gathered by DeepSpeed's parameter dict itself.
+        return self.stage.to(self.device)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -226,12 +361,17 @@ class DeepSpeedEngine:
 
     def _loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.ds(batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"))
-        return lm_loss(logits, batch["labels"], batch["loss_mask"])
+        if self.stage is None:
+            return lm_loss(logits, batch["labels"], batch["loss_mask"])
+        from model.parallel_transformer import parallel_lm_loss
+
+        return parallel_lm_loss(logits, batch["labels"], batch["loss_mask"], self.stage)
 
     def _all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed over the data x context ranks (tp ranks hold the same tokens)."""
         totals = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(totals)
+        if self.groups.dp_cp.size() > 1:
+            dist.all_reduce(totals, group=self.groups.dp_cp)
         return totals.tolist()
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
@@ -245,22 +385,47 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         local = [self._local(b) for b in micro_batches]
-        # cp ranks count their slice's tokens; the sum over all ranks is the step's tokens.
+        # cp ranks count their slice's tokens; the sum over data x context is the step's.
         (n_tokens,) = self._all_sum([sum(float(b["loss_mask"].sum()) for b in local)])
-        scale = self.world / max(n_tokens, 1.0)  # undoes DeepSpeed's mean over the ranks
+        # Undoes DeepSpeed's mean over its data-parallel (data x context) ranks.
+        scale = self.groups.dp_cp.size() / max(n_tokens, 1.0)
         loss_total = 0.0
-        for batch in local:
+        t0 = sync_clock(self.device)
+        for i, batch in enumerate(local):
             loss_sum, _ = self._loss(batch, step)
+            if injected_nan(step + 1):
+                loss_sum = loss_sum * math.nan
             self.ds.backward(loss_sum * scale, scale_wrt_gas=False)
-            self.ds.step()  # DeepSpeed updates at the accumulation boundary only
             loss_total += float(loss_sum.detach())
+            if i < len(local) - 1:
+                self.ds.step()  # not the accumulation boundary: DeepSpeed counts it only
         (loss_total,) = self._all_sum([loss_total])
-        grad_norm = self.ds.get_global_grad_norm()
+        t1 = sync_clock(self.device)
+        skipped = nonfinite_on_any_rank(loss_total, self.device)
+        before = self.ds.skipped_steps
+        with _optimizer_step_suppressed(self.ds, skipped and not self._skips_overflow()):
+            self.ds.step()  # the accumulation boundary: the update
+        if skipped and self._skips_overflow() and self.ds.skipped_steps == before:
+            log.warning("step %d: NaN/Inf loss but DeepSpeed did not skip its update", step + 1)
+        grad_norm = None if skipped else self.ds.get_global_grad_norm()
         return StepStats(
             loss=loss_total / max(n_tokens, 1.0),
             n_tokens=int(n_tokens),
             grad_norm=math.nan if grad_norm is None else float(grad_norm),
             lr=lr,
+            fwd_bwd_s=t1 - t0,
+            optimizer_s=sync_clock(self.device) - t1,
+            skipped=skipped,
+        )
+
+    def _skips_overflow(self) -> bool:
+        """Whether DeepSpeed skips a step with non-finite gradients on its own: ZeRO 1 and 2
+        (fp32: a non-finite gradient norm counts as an overflow; bf16: with
+        bf16.check_grad_overflow, on by default). Stage 0 and 3 check only fp16 overflows."""
+        if self.args.zero_stage not in (1, 2):
+            return False
+        return self.optim_args.precision == "fp32" or bool(
+            self.config["bf16"].get("check_grad_overflow", True)
         )
 
     @torch.no_grad()
@@ -319,12 +484,25 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
-        """Every parameter, whole (ZeRO-3 gathers its partitions), named as in Transformer."""
+        """Every parameter, whole and fp32, named as in Transformer: ZeRO-3 gathers its
+        partitions, tp > 1 its tensor-parallel shards (a collective over the tp group)."""
         import deepspeed
 
         params = list(self.model.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.args.zero_stage == 3):
-            return {k: v.detach().clone().float() for k, v in self.model.named_parameters()}
+            local = {k: v.detach().clone().float() for k, v in self.model.named_parameters()}
+        if self.stage is None:
+            return local
+        from model.parallel_transformer import unshard_param
+
+        tp_group = self.groups.tp
+        full = {}
+        for name, shard in local.items():
+            shards = [torch.empty_like(shard) for _ in range(tp_group.size())]
+            dist.all_gather(shards, shard, group=tp_group)
+            global_name = self.stage.global_name(name)
+            full[global_name] = unshard_param(global_name, shards, self.model_args)
+        return full
 
 
 if TYPE_CHECKING:  # mypy checks that the loop can use this engine where it takes an Engine

@@ -1,7 +1,7 @@
 """The training engine seam: one optimizer step (forward, backward, clip, update, schedule).
 
     engine = LocalEngine(model, OptimArgs(lr=3e-3), ScheduleArgs(warmup_steps=10), total_steps=100)
-    stats = engine.train_step([batch], step=0)       # StepStats(loss, n_tokens, grad_norm, lr)
+    stats = engine.train_step([batch], step=0)       # StepStats(loss, n_tokens, grad_norm, lr, ...)
     loss_sum, n_tokens = engine.eval_step(batch)
 
 The loop talks to an `Engine` only, so that Megatron-core DDP with its distributed optimizer
@@ -9,20 +9,39 @@ The loop talks to an `Engine` only, so that Megatron-core DDP with its distribut
 without touching the loop. Losses are token-weighted: every micro-batch contributes its summed
 loss divided by the tokens of the whole step, so accumulation (and, later, data-parallel
 averaging) gives the same gradient as one big batch.
+
+A step whose loss is NaN or Inf on any rank is skipped by every engine: no parameter or
+optimizer-state change (the learning-rate schedule still advances, it follows the step number),
+`StepStats.skipped` set. The decision is `nonfinite_on_any_rank`, a collective over the whole
+world, because with pipeline parallelism only the last stage holds the loss.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model.transformer import lm_loss
+from train.preemption import injected_nan
 
-__all__ = ["PRECISIONS", "OptimArgs", "ScheduleArgs", "StepStats", "Engine", "LocalEngine", "lr_at"]
+__all__ = [
+    "PRECISIONS",
+    "OptimArgs",
+    "ScheduleArgs",
+    "StepStats",
+    "Engine",
+    "LocalEngine",
+    "lr_at",
+    "nonfinite_on_any_rank",
+    "sync_clock",
+    "NonFiniteLossError",
+]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """optim.precision values and their dtypes."""
@@ -112,6 +131,13 @@ class StepStats:
     """Global gradient norm before clipping."""
     lr: float
     """Learning rate the step used."""
+    fwd_bwd_s: float = 0.0
+    """Seconds of forward and backward over every micro-batch, gradient reduction included
+    (Megatron: the whole forward/backward schedule, pipeline transfers and finalize_model_grads)."""
+    optimizer_s: float = 0.0
+    """Seconds of the non-finite check, clipping and the optimizer update."""
+    skipped: bool = False
+    """The loss was NaN or Inf on some rank: no parameter or optimizer state changed."""
 
 
 class Engine(Protocol):
@@ -130,6 +156,32 @@ class Engine(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """train.max_nan_skips consecutive steps had a NaN/Inf loss; the run stopped after a
+    checkpoint (the message names the steps)."""
+
+
+def sync_clock(device: torch.device) -> float:
+    """time.perf_counter() after the device's queued work is done (CUDA runs asynchronously,
+    so a phase's time is only its own once the device has caught up)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def nonfinite_on_any_rank(value: float, device: torch.device) -> bool:
+    """Whether `value` (a loss) is NaN or Inf on this or any other rank of the world: the same
+    answer everywhere, so that every rank skips the same optimizer steps (a collective)."""
+    bad = not math.isfinite(value)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # NCCL reduces device tensors only.
+        on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1.0 if bad else 0.0], device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item() > 0)
+    return bad
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -180,9 +232,13 @@ class LocalEngine:
         bf16 = self.optim_args.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = self.model(batch["tokens"], batch["position_ids"], step=step)
-        return lm_loss(logits, batch["labels"], batch["loss_mask"])
+        loss_sum, count = lm_loss(logits, batch["labels"], batch["loss_mask"])
+        if self.model.training and injected_nan(step + 1):
+            loss_sum = loss_sum * math.nan
+        return loss_sum, count
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
+        t0 = sync_clock(self.device)
         self.model.train()
         micro_batches = [self._to_device(b) for b in micro_batches]
         n_tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)
@@ -193,13 +249,25 @@ class LocalEngine:
             loss_sum, _ = self._loss(batch, step)
             (loss_sum / denom).backward()
             total += float(loss_sum.detach())
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optimizer.step()
+        t1 = sync_clock(self.device)
+        skipped = nonfinite_on_any_rank(total, self.device)
+        grad_norm = math.nan
+        if not skipped:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepStats(loss=total / denom, n_tokens=int(n_tokens), grad_norm=grad_norm, lr=lr)
+        return StepStats(
+            loss=total / denom,
+            n_tokens=int(n_tokens),
+            grad_norm=grad_norm,
+            lr=lr,
+            fwd_bwd_s=t1 - t0,
+            optimizer_s=sync_clock(self.device) - t1,
+            skipped=skipped,
+        )
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:

@@ -63,7 +63,7 @@ def build_engine(cfg: Config, kind: str, layout: Any, device: torch.device) -> E
             cfg.model, cfg.attention, attention_fn=sparse_attention, seed=targs.seed
         )
         return LocalEngine(model, cfg.optim, cfg.schedule, targs.steps, device)
-    groups = layout.initialize()
+    groups = layout.initialize(cfg.parallel.timeout_minutes)
     if kind == "deepspeed":
         from train.deepspeed_engine import DeepSpeedEngine
 

@@ -82,6 +82,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     from data.tokenizer import Tokenizer
     from train.checkpoint import CheckpointManager
     from train.config import load_config
+    from train.export import consolidated_state_dict
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
@@ -92,8 +93,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     state = manager.load_latest()
     if state is None:
         raise FileNotFoundError(f"no complete checkpoint in {manager.dir}")
-    engine = state["engine"]
-    weights = engine["model"] if "model" in engine else engine
+    # any layout's checkpoint, in the single-process model's names (train.export)
+    weights, _ = consolidated_state_dict(manager.path_of(int(state["step"])))
     model = Transformer(cfg.model, cfg.attention, attention_fn=sparse_attention)
     model.load_state_dict(weights)
     model.to(device).eval()

@@ -11,6 +11,13 @@ data in the stream, the files in the checkpoint manager and the metrics logger. 
 (ZeRO over dp x cp), whose own checkpoint (DeepSpeed's) is written next to the loop's, under
 `<checkpoint dir>/engine/step_N/`, before the loop's checkpoint of step N is committed.
 SIGTERM / SIGUSR1 stop every rank after the same step with a checkpoint (train.preemption).
+With checkpoint.async_save a checkpoint is committed at the next save or at the end of the run
+(preemption and a NaN stop included), always between steps, on every rank together.
+A NaN/Inf loss skips the update (every engine, agreed by all ranks); train.max_nan_skips
+consecutive skips stop the run after a checkpoint (NonFiniteLossError). A collective that
+waits longer than parallel.timeout_minutes fails with CollectiveTimeout naming its group. What
+is logged per step (throughput, MFU, step-time split, memory, traffic) is in
+train/step_metrics.py; the attention pattern's picture is attached to the wandb run at start.
 Step numbers are 1-based in logs, checkpoints and wandb (step N = N optimizer updates done);
 the random-block draw of update N uses step N - 1.
 """
@@ -21,6 +28,7 @@ import logging
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -34,8 +42,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.loader import build_train_stream, build_val_batches
 from data.prepare import read_manifest
-from train.checkpoint import CheckpointManager
+from parallel.collective_timeout import name_failed_collectives
+from train.checkpoint import CheckpointManager, ShardedEngine
 from train.config import Config, config_to_dict, save_config
+from train.engine import NonFiniteLossError
 from train.engine_choice import (
     ExternalCheckpoint,
     build_engine,
@@ -45,7 +55,8 @@ from train.engine_choice import (
 )
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
-from train.preemption import GracefulStop, fault_injection
+from train.preemption import GracefulStop, fault_injection, hang_injection
+from train.step_metrics import StepMeter, render_run_pattern
 
 __all__ = ["train", "TrainResult", "seed_everything", "check_data", "RESUME_MODES"]
 
@@ -53,9 +64,6 @@ RESUME_MODES = ("no", "yes", "auto")
 """no: refuse a run directory that holds checkpoints; yes: continue from the newest one (warn
 when there is none); auto: continue when there is one, else start (what torchrun restarts use).
 """
-
-DIST_TIMEOUT = timedelta(minutes=10)
-"""A collective that waits longer than this fails (naming the group) instead of hanging."""
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,8 @@ class TrainResult:
     """Loss-carrying tokens trained on over the whole run."""
     seconds: float = 0.0
     """Wall time of this process's training (setup included)."""
+    skipped_steps: int = 0
+    """Steps whose NaN/Inf loss skipped the update, over the whole run."""
     wandb_dir: str | None = None
     run_dir: str = ""
     preempted: bool = False
@@ -190,6 +200,9 @@ def train(cfg: Config, resume: bool | str = False) -> TrainResult:
     targs = cfg.train
     env = _Dist.from_env()
     kind = engine_kind(cfg, env.world)
+    if kind == "local" and targs.engine == "auto" and resume_mode(resume) != "no":
+        if CheckpointManager(cfg.checkpoint, targs.run_dir).saved_engine() == "megatron":
+            kind = "megatron"  # its checkpoint continues on a one-rank Megatron layout
     layout = None
     if kind != "local":
         from parallel.layout import Layout
@@ -198,7 +211,7 @@ def train(cfg: Config, resume: bool | str = False) -> TrainResult:
         if kind == "deepspeed":
             from train.deepspeed_engine import deepspeed_refusal
 
-            reason = deepspeed_refusal(layout.tp, layout.pp)
+            reason = deepspeed_refusal(layout.pp)
             if reason is not None:
                 raise ValueError(reason)
     manifest = check_data(cfg)
@@ -211,7 +224,8 @@ def train(cfg: Config, resume: bool | str = False) -> TrainResult:
             torch.cuda.set_device(env.local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if env.world > 1:
-            dist.init_process_group(backend, timeout=DIST_TIMEOUT)
+            timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
+            dist.init_process_group(backend, timeout=timeout)
         else:  # one process without a launcher (the engines still want a process group)
             from parallel.local_ranks import free_port
 
@@ -249,8 +263,9 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
         groups = engine.groups  # type: ignore[attr-defined]
         dp_rank, dp_size = groups.dp_rank, layout.dp
         log.info(
-            "rank %d of %d: %s engine, layout tp=%d pp=%d cp=%d dp=%d, coordinates tp %d pp %d "
+            "rank %d of %d: %s engine, layout tp=%d pp=%d cp=%d dp=%d%s, coordinates tp %d pp %d "
             "cp %d dp %d", env.rank, env.world, kind, layout.tp, layout.pp, layout.cp, layout.dp,
+            " sequence_parallel" if layout.sequence_parallel else "",
             groups.tp_rank, groups.pp_rank, groups.cp_rank, groups.dp_rank,
         )  # fmt: skip
     stream = build_train_stream(
@@ -276,16 +291,27 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
                 f"the checkpoint in {ckpt.dir} was written with train.engine={saved}; this run "
                 f"uses the {kind} engine, which cannot read it: resume with train.engine={saved}"
             )
-        engine.load_state_dict(state["engine"])
+        saved_kind = state.get("engine_kind", kind)
+        if saved_kind != kind:
+            raise ValueError(
+                f"the checkpoint in {ckpt.dir} was written by the {saved_kind} engine; this run "
+                f"uses the {kind} engine, which cannot read it: resume with "
+                f"train.engine={saved_kind}"
+            )
+        if isinstance(engine, ShardedEngine):  # any layout: docs/checkpoints.md
+            engine.load_sharded_state_dict(state["engine"])
+        else:
+            engine.load_state_dict(state["engine"])
         if isinstance(engine, ExternalCheckpoint):
             engine.load_checkpoint(engine_dir, state["engine_tag"])
-        stream.load_state_dict(state["data"])
+        stream.load_state_dict(ckpt.data_state_for(state, stream.state_dict()["order"]))
         _set_rng_state(state["rng"])
         resume_id = state["wandb_run_id"]
         result.start_step = result.steps = state["step"]
         result.losses = list(state["losses"])
         result.val_history = [tuple(v) for v in state["val_history"]]  # type: ignore[misc]
         result.tokens = state["tokens"]
+        result.skipped_steps = state.get("skipped_steps", 0)
         log.info("resuming from step %d of %d", result.steps, targs.steps)
     elif mode == "auto":
         log.info("--resume auto: no complete checkpoint in %s; starting from step 0", ckpt.dir)
@@ -319,7 +345,12 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
             extra["engine_tag"] = engine_tag(result.steps)
         payload = {
             **extra,
-            "engine": engine.state_dict(),
+            "engine": (
+                engine.sharded_state_dict()
+                if isinstance(engine, ShardedEngine)
+                else engine.state_dict()
+            ),
+            "engine_kind": kind,
             "data": stream.state_dict(),
             "rng": _rng_state(),
             "wandb_run_id": metrics.run_id,
@@ -327,18 +358,32 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
             "losses": result.losses,
             "val_history": result.val_history,
             "tokens": result.tokens,
+            "skipped_steps": result.skipped_steps,
         }
-        ckpt.save(result.steps, payload, config_dict)
+        ckpt.save(result.steps, payload, config_dict, meta={"engine": kind})
         if isinstance(engine, ExternalCheckpoint) and env.is_main:
             prune_engine_checkpoints(engine_dir, ckpt.complete_steps())
 
+    meter = StepMeter.create(
+        cfg.model, cfg.attention, targs.seq_len, targs.micro_batch_size * targs.grad_accum,
+        cfg.logging.peak_tflops, device, env.world, dp_size, getattr(engine, "traffic", None),
+    )  # fmt: skip
+    if metrics.run is not None and cfg.logging.pattern_picture and result.start_step == 0:
+        cp = 1 if layout is None else layout.cp
+        picture = render_run_pattern(
+            cfg.model, cfg.attention, targs.seq_len, cp, cfg.optim.dtype.itemsize,
+            run_dir / "pattern.png",
+        )  # fmt: skip
+        metrics.log_image("pattern/attention", picture, step=result.steps)
+
     def validate() -> None:
-        val_loss = evaluate(engine, val_batches)
+        # Evaluation traffic is not the training step's.
+        with meter.traffic.paused() if meter.traffic is not None else nullcontext():
+            val_loss = evaluate(engine, val_batches)
         result.val_history.append((result.steps, val_loss))
         metrics.log(result.steps, {"val/loss": val_loss})
 
     batches = iter(stream)
-    window_t, window_tokens = time.perf_counter(), 0
     bar = tqdm(
         total=targs.steps,
         initial=result.steps,
@@ -347,36 +392,60 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
         disable=not (cfg.logging.progress_bar and env.is_main),
         dynamic_ncols=True,
     )
+    postfix: dict[str, str] = {}
+    nan_streak = 0
+    groups = getattr(engine, "groups", None)
+    current_step = result.steps + 1  # the step a failed collective is reported in
+    watch = name_failed_collectives(groups, cfg.parallel.timeout_minutes, lambda: current_step)
     try:
-        with logging_redirect_tqdm(), GracefulStop() as stop:
+        with logging_redirect_tqdm(), GracefulStop() as stop, watch:
             while result.steps < targs.steps:
+                t_start = time.perf_counter()
+                current_step = result.steps + 1
+                hang_injection(current_step, env.rank, env.world)
                 micro_batches = [next(batches) for _ in range(targs.grad_accum)]
+                data_s = time.perf_counter() - t_start
                 stats = engine.train_step(micro_batches, step=result.steps)
                 result.steps += 1
+                step = result.steps
                 result.losses.append(stats.loss)
                 result.tokens += stats.n_tokens
-                window_tokens += stats.n_tokens
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats.loss:.3f}")
-                step = result.steps
-                if step % cfg.logging.log_every == 0 or step == 1 or step == targs.steps:
-                    now = time.perf_counter()
-                    metrics.log(
-                        step,
-                        {
-                            "train/loss": stats.loss,
-                            "train/lr": stats.lr,
-                            "train/grad_norm": stats.grad_norm,
-                            "train/tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                        }
-                        | {f"data/{k}": v for k, v in stream.stats().items()},
-                    )
-                    window_t, window_tokens = now, 0
+                result.skipped_steps += stats.skipped
+                nan_streak = nan_streak + 1 if stats.skipped else 0
+                if stats.skipped:
+                    log.warning("step %d: loss %s, update skipped", step, stats.loss)
+                val_s = 0.0
                 if targs.eval_every and step % targs.eval_every == 0 and step < targs.steps:
+                    t_val = time.perf_counter()
                     validate()
-                saved = ckpt.should_save(step) and step < targs.steps
+                    val_s = time.perf_counter() - t_val
+                diverged = 0 < targs.max_nan_skips <= nan_streak
+                saved = (ckpt.should_save(step) and step < targs.steps) or diverged
+                save_s = 0.0
                 if saved:
+                    t_save = time.perf_counter()
                     save()
+                    save_s = time.perf_counter() - t_save
+                meter.add(stats, data_s, time.perf_counter() - t_start - val_s, save_s)
+                bar.update(1)
+                postfix["loss"] = f"{stats.loss:.3f}"
+                if step % cfg.logging.log_every == 0 or step in (1, targs.steps) or diverged:
+                    logged = meter.flush() | {"train/skipped_steps": result.skipped_steps}
+                    metrics.log(step, logged | {f"data/{k}": v for k, v in stream.stats().items()})
+                    postfix["tok/s"] = f"{logged['train/tokens_per_s']:,.0f}"
+                    postfix["mfu"] = f"{100 * logged['perf/mfu']:.2f}%"
+                    postfix["skipped"] = str(result.skipped_steps)
+                bar.set_postfix(postfix)
+                if diverged:
+                    ckpt.finalize()  # its checkpoint is committed before the run stops
+                    raise NonFiniteLossError(
+                        f"stopped at step {step}: the training loss was NaN or Inf in "
+                        f"{nan_streak} consecutive steps ({step - nan_streak + 1}-{step}, "
+                        f"train.max_nan_skips={targs.max_nan_skips}); each was skipped without "
+                        f"an update, so the checkpoint of step {step} holds the parameters "
+                        f"after step {step - nan_streak}. Lower optim.lr (or lengthen "
+                        "schedule.warmup_steps) and --resume, or start over"
+                    )
                 fault_injection(step, env.rank, env.world, run_dir)
                 if stop.agreed() and step < targs.steps:
                     if not saved:
@@ -388,6 +457,7 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
                 validate()
                 if result.start_step < result.steps or not ckpt.complete_steps():
                     save()
+            ckpt.finalize()  # commits a checkpoint still being written (checkpoint.async_save)
         result.seconds = time.perf_counter() - t0
         metrics.summary(
             {

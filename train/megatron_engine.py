@@ -26,11 +26,12 @@ Switches:
   parameters. No loss scaling (bf16 has fp32's exponent range). The fp32 master weights are
   part of `state_dict`, so a resume continues exactly.
 - `model.recompute`: every block is an activation checkpoint (model.transformer.run_blocks).
-- `sequence_parallel=True` (constructor keyword): Megatron's tensor-parallel sequence-parallel
-  activations need CUDA and Apex / Transformer Engine norms. Without them the engine raises
-  ValueError saying so (`sequence_parallel_unavailable`); with them it raises
-  NotImplementedError: this stage keeps [b, n, c] activations and its own RMSNorm, and has not
-  been adapted to Megatron's [n, b, c] sequence split.
+- `parallel.sequence_parallel` (`layout.sequence_parallel`): Megatron's tensor-parallel
+  sequence parallelism, wired in the stage (model.parallel_transformer): activations outside
+  the tp regions are split along the sequence over tp, the pipeline sends [n/tp, b, c] and
+  finalize_model_grads sums the norms' gradients over tp. Same result as without it (parity
+  tested with tp, tp x cp, tp x pp); the parameter shards are the same either way. It
+  uses our own RMSNorm: neither Apex nor Transformer Engine is needed.
 On CPU, parallel.megatron_shims stands in for the CUDA calls; with `device="cuda"` (and an
 NCCL process group) the stage and the batches are moved to the GPU, which this slice has not
 run.
@@ -38,7 +39,6 @@ run.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -58,9 +58,19 @@ from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
 from parallel.layout import Layout, ParallelGroups, shard_sequence
 from parallel.megatron_shims import apply_cpu_shims, cuda_typed_parameters
-from train.engine import Engine, OptimArgs, ScheduleArgs, StepStats, lr_at
+from parallel.traffic import TrafficCounter
+from train.engine import (
+    Engine,
+    OptimArgs,
+    ScheduleArgs,
+    StepStats,
+    lr_at,
+    nonfinite_on_any_rank,
+    sync_clock,
+)
+from train.preemption import injected_nan
 
-__all__ = ["MegatronEngine", "sequence_parallel_unavailable"]
+__all__ = ["MegatronEngine"]
 
 STATE_VERSION = 1
 
@@ -84,10 +94,7 @@ class MegatronEngine:
         full: Transformer | None = None,
         distributed_optimizer: bool = True,
         device: torch.device | str = "cpu",
-        sequence_parallel: bool = False,
     ) -> None:
-        if sequence_parallel:
-            _refuse_sequence_parallel(layout)
         apply_cpu_shims()
         self.device = torch.device(device)
         self.layout = layout
@@ -96,9 +103,12 @@ class MegatronEngine:
         self.schedule_args = schedule
         self.total_steps = total_steps
         self.precision = optim.precision
+        self.traffic = TrafficCounter() if layout.cp > 1 else None
+        """Bytes and time of the context-parallel exchanges (None without cp)."""
         self.stage = ParallelTransformer(
-            model_args, attn_cfg, layout, groups, seed, full, params_dtype=optim.dtype
-        )
+            model_args, attn_cfg, layout, groups, seed, full, params_dtype=optim.dtype,
+            traffic=self.traffic,
+        )  # fmt: skip
         self.stage.to(self.device)  # before DDP builds its buffers on the parameters' device
         cuda_typed_parameters(self.stage)
         config = self.stage.config
@@ -134,18 +144,28 @@ class MegatronEngine:
     # ---- the step ----------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
+        t0 = sync_clock(self.device)
         self.model.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self._set_lr(step)
         local = [self._local(b) for b in micro_batches]
         loss_sum, n_tokens = self._run_schedule(local, micro_batches, step, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
+        t1 = sync_clock(self.device)
+        # Before optimizer.step: a NaN/Inf step leaves parameters and optimizer state alone
+        # (the gradient buffers are zeroed at the start of the next step).
+        skipped = nonfinite_on_any_rank(loss_sum, self.device)
+        grad_norm = None
+        if not skipped:
+            _, grad_norm, _ = self.optimizer.step()
         return StepStats(
             loss=loss_sum / max(n_tokens, 1.0),
             n_tokens=int(n_tokens),
             grad_norm=math.nan if grad_norm is None else float(grad_norm),
             lr=lr,
+            fwd_bwd_s=t1 - t0,
+            optimizer_s=sync_clock(self.device) - t1,
+            skipped=skipped,
         )
 
     @torch.no_grad()
@@ -190,6 +210,8 @@ class MegatronEngine:
                 loss_sum, count = parallel_lm_loss(
                     logits, batch["labels"], batch["loss_mask"], stage
                 )
+                if not forward_only and injected_nan(step + 1):
+                    loss_sum = loss_sum * math.nan
                 return loss_sum, count.int(), {"loss_sum": loss_sum.detach(), "count": count}
 
             return output, loss_func
@@ -261,7 +283,8 @@ class MegatronEngine:
         if state["layout"] != self._layout_key():
             raise ValueError(
                 f"the checkpoint was written with parallel (tp, pp, cp, dp) = {state['layout']} "
-                f"but this run uses {self._layout_key()}; resharding is not supported yet"
+                f"but this run uses {self._layout_key()}; this per-rank state loads only under its "
+                "own layout (checkpoints reshard through sharded_state_dict)"
             )
         precision = state.get("precision", "fp32")
         if precision != self.precision:
@@ -281,6 +304,19 @@ class MegatronEngine:
         for opt, opt_state in zip(optimizers, state["optimizer"], strict=True):
             opt.load_state_dict(opt_state)
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The checkpoint state: parameters and AdamW state in the single-process model's
+        names and shapes (train.model_space), which any other layout loads. Collective."""
+        from train.model_space import megatron_sharded_state
+
+        return megatron_sharded_state(self)
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a `sharded_state_dict` saved under any layout (via CheckpointManager)."""
+        from train.model_space import load_megatron_sharded_state
+
+        load_megatron_sharded_state(self, state)
+
     @torch.no_grad()
     def _load_master_params(self, saved: list[list[list[torch.Tensor]]]) -> None:
         masters = self._master_params()
@@ -294,38 +330,6 @@ class MegatronEngine:
             for group, saved_group in zip(groups, saved_groups, strict=True):
                 for param, value in zip(group, saved_group, strict=True):
                     param.copy_(value)
-
-
-def sequence_parallel_unavailable() -> str | None:
-    """Why Megatron's tensor-parallel sequence-parallel activations cannot be used here, or
-    None when CUDA and Apex / Transformer Engine norms are present."""
-    if not torch.cuda.is_available():
-        return (
-            "sequence_parallel=True needs CUDA: Megatron's tensor-parallel sequence-parallel "
-            "activations use Apex or Transformer Engine norms, which exist only on GPU, and "
-            "this machine has no CUDA device"
-        )
-    from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM
-
-    if not (HAVE_FUSED_LAYER_NORM or importlib.util.find_spec("transformer_engine")):
-        return (
-            "sequence_parallel=True needs NVIDIA Apex (apex.normalization) or Transformer "
-            "Engine for Megatron's sequence-parallel norms; neither is installed"
-        )
-    return None
-
-
-def _refuse_sequence_parallel(layout: Layout) -> None:
-    reason = sequence_parallel_unavailable()
-    if reason is not None:
-        raise ValueError(reason)
-    raise NotImplementedError(
-        "sequence_parallel=True with CUDA and Apex / Transformer Engine present is not wired "
-        "into this engine yet: the stage's blocks keep activations as [b, n, c] and its norms "
-        "are model.layers.RMSNorm, while Megatron's sequence-parallel layers split the first "
-        f"(sequence) dimension of [n, b, c] over the tp={layout.tp} ranks and expect norms "
-        "whose weight gradients they all-reduce"
-    )
 
 
 if TYPE_CHECKING:  # mypy checks that the loop can use this engine where it takes an Engine

@@ -2,12 +2,15 @@
 
     metrics = MetricsLogger(LoggingArgs(), run_dir="runs/demo", config=config_dict)
     metrics.log(step, {"train/loss": 7.1, "train/lr": 3e-3})
+    metrics.log_image("pattern/attention", "runs/demo/pattern.png")   # once, e.g. at start
     metrics.finish()
 
 wandb runs offline unless a key is present (`wandb_mode: auto`), writing
 `<run_dir>/wandb/offline-run-*/` (sync it later with `wandb sync`). The run id is kept in
-checkpoints so that a resumed training continues the same wandb run. Only the process of
-global rank 0 should create a MetricsLogger (multi-rank runs arrive with issue 5).
+checkpoints so that a resumed training continues the same wandb run. Runs are grouped and
+named by `logging.group` / `logging.run_name`. In a multi-rank run every rank builds one, the
+others with wandb disabled and no console lines. What the trainer logs per step is described
+in train/step_metrics.py.
 """
 
 from __future__ import annotations
@@ -42,10 +45,18 @@ class LoggingArgs:
     """wandb run name; null lets wandb choose one."""
     progress_bar: bool = True
     """Show a tqdm progress bar with ETA on stderr."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for perf/mfu; null: the known bf16 peak of the GPU by name
+    (train.flops.PEAK_FLOPS), else a measured fp32 matmul rate."""
+    pattern_picture: bool = True
+    """Attach parallel.show's picture of the attention pattern over the cp ranks to the wandb
+    run when it starts (pattern.png in the run directory)."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"logging.log_every={self.log_every!r} must be a positive integer")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"logging.peak_tflops={self.peak_tflops!r} must be positive or null")
         if self.wandb_mode not in _WANDB_MODES:
             raise ValueError(
                 f"logging.wandb_mode={self.wandb_mode!r} must be one of {', '.join(_WANDB_MODES)}"
@@ -112,6 +123,13 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_image(self, key: str, path: str | os.PathLike, step: int | None = None) -> None:
+        """A PNG as a wandb.Image under `key` (works offline; synced with the run)."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(values)
@@ -126,6 +144,16 @@ def _fmt(key: str, value: float) -> str:
     name = key.split("/")[-1]
     if name == "lr":
         return f"{name} {value:.2e}"
-    if name.endswith("tokens_per_s"):
+    if name.endswith("_per_s") and name != "tflops_per_s":
         return f"{name} {value:,.0f}"
+    if name == "mfu":
+        return f"mfu {100 * value:.2f}%"
+    if name.endswith("_bytes"):
+        return f"{name[:-6]} {value / 2**20:,.2f} MiB"
+    if key.startswith(("time/", "comm/")) and name.endswith("_s"):
+        return f"{name[:-2]} {1000 * value:,.1f} ms"
+    if name.endswith("_gib"):
+        return f"{name[:-4]} {value:.2f} GiB"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{name} {value}"
     return f"{name} {value:.4f}"

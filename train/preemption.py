@@ -12,12 +12,17 @@ every task, torchrun forwards SIGTERM to its workers; either order works). The l
 a checkpoint and returns; `--resume` continues from it. SLURM sends SIGKILL KillWait (default
 30 s) after SIGTERM, torchrun 30 s after it forwards one: a checkpoint must fit in that time.
 
-`fault_injection(step, rank, run_dir)` is for the elastic tests only (environment variables):
+`fault_injection(step, rank, world, run_dir)`, `hang_injection(step, rank, world)` and
+`injected_nan(step)` are for tests only (environment variables):
 - HALOTRON_TEST_KILL_AT_STEP=N: after step N, the last rank kills itself with SIGKILL (a node
   lost), once per run directory (a marker file `.test_killed_at_N` keeps the restart alive).
 - HALOTRON_TEST_SIGTERM_AT_STEP=N: after step N, rank 0 sends SIGTERM to itself and to its
   parent (the launcher: torchrun forwards it to every worker, as when SLURM signals the job
   step), once per run directory.
+- HALOTRON_TEST_HANG_AT_STEP=N: before step N, the last rank sleeps HALOTRON_TEST_HANG_SECONDS
+  (default 60), so that its peers time out in a collective (parallel.timeout_minutes).
+- HALOTRON_TEST_NAN_AT_STEPS=N, A-B or a comma list of those: the training loss of those steps
+  is multiplied by NaN inside the engine (the last pipeline stage), before backward.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ import logging
 import os
 import signal
 import threading
+import time
+from functools import lru_cache
 from pathlib import Path
 from types import FrameType, TracebackType
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["GracefulStop", "fault_injection", "STOP_SIGNALS"]
+__all__ = ["GracefulStop", "fault_injection", "hang_injection", "injected_nan", "STOP_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +113,27 @@ def fault_injection(step: int, rank: int, world: int, run_dir: Path) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
             if world > 1:
                 os.kill(os.getppid(), signal.SIGTERM)
+
+
+def hang_injection(step: int, rank: int, world: int) -> None:
+    """HALOTRON_TEST_HANG_AT_STEP: the last rank sleeps before (1-based) step `step`."""
+    hang_at = os.environ.get("HALOTRON_TEST_HANG_AT_STEP")
+    if hang_at and step == int(hang_at) and rank == world - 1:
+        seconds = float(os.environ.get("HALOTRON_TEST_HANG_SECONDS", "60"))
+        log.warning("HALOTRON_TEST_HANG_AT_STEP=%s: rank %d sleeps %.0f s", hang_at, rank, seconds)
+        time.sleep(seconds)
+
+
+@lru_cache(maxsize=4)
+def _nan_steps(spec: str) -> frozenset[int]:
+    steps: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        steps.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(steps)
+
+
+def injected_nan(step: int) -> bool:
+    """Whether HALOTRON_TEST_NAN_AT_STEPS names (1-based) step `step`."""
+    spec = os.environ.get("HALOTRON_TEST_NAN_AT_STEPS")
+    return bool(spec) and step in _nan_steps(spec)

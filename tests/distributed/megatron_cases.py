@@ -98,7 +98,8 @@ class Run:
     """One parallel training run to compare with the single-process reference."""
 
     degrees: dict
-    """ParallelArgs keys (tp, pp, cp, dp); dp is derived from the world size when left out."""
+    """ParallelArgs keys (tp, pp, cp, dp, sequence_parallel); dp is derived from the world size
+    when left out."""
     case: Case = field(default_factory=Case)
     distributed_optimizer: bool = True
     """Megatron's DistributedOptimizer (sharded AdamW state) or its plain data-parallel one."""
@@ -184,7 +185,9 @@ def _parity_run(world: int, run: Run) -> dict:
 
 def assemble(results: list[dict], case: Case) -> dict[str, torch.Tensor]:
     """The single-process parameters from the shards of the (cp, dp) = (0, 0) ranks, after
-    checking that every cp / dp replica (and the tied embedding's copies) agree exactly."""
+    checking that every cp / dp replica (and the tied embedding's copies) agree exactly, and so
+    do the tp ranks' copies of the replicated norm weights (under sequence parallelism each tp
+    rank computes their gradient on its own shard of the sequence)."""
     from model.parallel_transformer import unshard_param
 
     pieces: dict[str, dict[int, torch.Tensor]] = {}
@@ -197,6 +200,9 @@ def assemble(results: list[dict], case: Case) -> dict[str, torch.Tensor]:
                     raise AssertionError(f"replicas of {name} (tp rank {tp_rank}) differ")
             else:
                 held[tp_rank] = tensor
+    for name, held in pieces.items():
+        if name.endswith("norm.weight") and any(not torch.equal(held[0], t) for t in held.values()):
+            raise AssertionError(f"the tp ranks' copies of {name} differ")
     return {
         name: unshard_param(name, [held[r] for r in sorted(held)], case.model_args())
         for name, held in pieces.items()

@@ -1,14 +1,18 @@
-"""DeepSpeed ZeRO 1 / 2 / 3 (with context parallelism) vs the single-process model, on gloo ranks.
+"""DeepSpeed ZeRO 1 / 2 / 3 with context and tensor parallelism vs the single-process model.
 
-pytest tests/distributed/test_deepspeed_parity.py          (about a minute on 2 cores)
+pytest tests/distributed/test_deepspeed_parity.py          (about two minutes on 2 cores)
 
-The tiny model of megatron_cases trains 3 AdamW steps (clipping active, 2 micro-batches per rank
-accumulated by DeepSpeed) with train.deepspeed_engine.DeepSpeedEngine on DP2 (2 ranks) and on
-CP2 x DP2 (4 ranks, cp_sparse_attention over the cp group), once per ZeRO stage in one spawn of
-ranks; the loss, gradient norm and token count of every step, the validation loss and every
-final parameter (ZeRO-3 gathers them) must match LocalEngine on the same global batch within
-1e-5 (fp32). A bf16 run checks the switch (bf16 parameters, fp32 master weights, loss close).
-The refusals (tp, pp, keys the trainer owns) need no processes.
+The tiny model of megatron_cases trains 3 AdamW steps (clipping active, the micro-batches of
+each data-parallel rank accumulated by DeepSpeed) with train.deepspeed_engine.DeepSpeedEngine,
+one spawn of gloo ranks per world size running several layouts in turn: DP2 (2 ranks) with
+ZeRO 1, 2, 3; and on 4 ranks CP2 x DP2 (cp_sparse_attention over the cp group) and TP2 x DP2
+(Megatron's tensor-parallel layers, vocab-parallel loss, DeepSpeed given our groups as its
+mpu) with ZeRO 1, 2, 3, TP2 x CP2 (dp = 1) with ZeRO-2, and Megatron's sequence parallelism
+on TP2 x DP2 (ZeRO-3) and TP2 x CP2 (ZeRO-1). The loss, gradient norm and token
+count of every step, the validation loss and every final parameter (ZeRO-3 gathers the
+partitions, tp the shards) must match LocalEngine on the same global batch within 1e-5 (fp32).
+bf16 runs (DP2 ZeRO-2, TP2 x DP2 ZeRO-1) check the switch (bf16 parameters, fp32 master
+weights, loss close). The refusals (pp, keys the trainer owns) need no processes.
 """
 
 from __future__ import annotations
@@ -27,21 +31,22 @@ CASE = mc.Case()
 STAGES = (1, 2, 3)
 
 
-def ds_rank(rank: int, world: int, cp: int, runs: list[tuple[int, str]]) -> list[dict]:
-    """Each (zero_stage, precision) in turn: 3 steps and one evaluation on these ranks."""
+def ds_rank(rank: int, world: int, runs: list[tuple[dict, int, str]]) -> list[dict]:
+    """Each (parallel degrees, zero_stage, precision) in turn: 3 steps and one evaluation on
+    these ranks (dp derived from the world size)."""
     from parallel.layout import Layout
     from train.config import ParallelArgs
     from train.deepspeed_engine import DeepSpeedArgs, DeepSpeedEngine
 
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asserts a launcher set it
 
-    layout = Layout.create(
-        ParallelArgs(cp=cp), world, CASE.model_args(), CASE.attn_cfg(), CASE.seq_len
-    )
-    groups = layout.initialize()
     out = []
-    try:
-        for stage, precision in runs:
+    for degrees, stage, precision in runs:
+        layout = Layout.create(
+            ParallelArgs(**degrees), world, CASE.model_args(), CASE.attn_cfg(), CASE.seq_len
+        )
+        groups = layout.initialize()
+        try:
             per_dp = CASE.micro_batches // layout.dp
             engine = DeepSpeedEngine(
                 CASE.model_args(),
@@ -73,8 +78,8 @@ def ds_rank(rank: int, world: int, cp: int, runs: list[tuple[int, str]]) -> list
                 }
             )
             engine.ds.destroy()
-    finally:
-        Layout.destroy()
+        finally:
+            Layout.destroy()
     return out
 
 
@@ -98,33 +103,40 @@ def _mismatches(results: list[dict], ref: dict, dp: int, where: str, tol: float)
     return bad
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("world,cp", [(2, 1), (4, 2)], ids=["dp2", "cp2xdp2"])
-def test_zero_stages_match_single_process(world, cp, tmp_path):
-    runs = [(stage, "fp32") for stage in STAGES]
-    if world == 2:
-        runs.append((2, "bf16"))
-    per_rank = run_ranks(ds_rank, world, tmp_path, args=(cp, runs), timeout=280)
+DP2 = [({}, stage, "fp32") for stage in STAGES] + [({}, 2, "bf16")]
+FOUR_RANKS = (
+    [({"cp": 2}, stage, "fp32") for stage in STAGES]
+    + [({"tp": 2}, stage, "fp32") for stage in STAGES]
+    + [({"tp": 2, "cp": 2}, 2, "fp32"), ({"tp": 2}, 1, "bf16")]
+    + [({"tp": 2, "sequence_parallel": True}, 3, "fp32")]
+    + [({"tp": 2, "cp": 2, "sequence_parallel": True}, 1, "fp32")]
+)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world,runs", [(2, DP2), (4, FOUR_RANKS)], ids=["dp2", "4ranks"])
+def test_zero_stages_match_single_process(world, runs, tmp_path):
+    per_rank = run_ranks(ds_rank, world, tmp_path, args=(runs,), timeout=380)
     ref = mc.reference(CASE)
     bad = []
-    for i, (stage, precision) in enumerate(runs):
+    for i, (degrees, stage, precision) in enumerate(runs):
         results = [r[i] for r in per_rank]
-        where = f"zero{stage} {precision} world {world} cp {cp}"
+        tp, cp = degrees.get("tp", 1), degrees.get("cp", 1)
+        where = f"zero{stage} {precision} tp{tp} cp{cp} dp{world // (tp * cp)}"
         if precision == "fp32":
-            bad += _mismatches(results, ref, world // cp, where, TOL)
+            bad += _mismatches(results, ref, world // (tp * cp), where, TOL)
         else:
-            assert results[0]["dtypes"] == {torch.bfloat16}
+            assert results[0]["dtypes"] == {torch.bfloat16}, where
             err = max(abs(a - b) for a, b in zip(results[0]["losses"], ref["losses"], strict=True))
             assert err < 0.05, (where, results[0]["losses"], ref["losses"])
     assert not bad, "\n".join(bad)
 
 
-def test_deepspeed_refuses_tp_pp_and_owned_keys():
+def test_deepspeed_refuses_pp_and_owned_keys():
     from train.deepspeed_engine import DeepSpeedArgs, deepspeed_refusal
 
-    assert "parallel.tp=2" in (deepspeed_refusal(2, 1) or "")
-    assert "parallel.pp=2" in (deepspeed_refusal(1, 2) or "")
-    assert deepspeed_refusal(1, 1) is None
+    assert "parallel.pp=2" in (deepspeed_refusal(2) or "")
+    assert deepspeed_refusal(1) is None
     with pytest.raises(ValueError, match="deepspeed.config.gradient_clipping.*optim.grad_clip"):
         DeepSpeedArgs(config={"gradient_clipping": 1.0})
     with pytest.raises(ValueError, match="deepspeed.zero_stage=4"):

@@ -5,6 +5,10 @@
   DeepSpeed's way (engine.save_checkpoint under checkpoints/engine/step_N/) next to the loop's
   per-rank files; then 2 steps, a new set of processes resuming (engine.load_checkpoint) for 2
   more: losses and final fp32 parameters (zero_to_fp32) equal the uninterrupted run's.
+- ZeRO-1 with Megatron tensor parallelism, TP2 x DP2 on 4 ranks, the same way: DeepSpeed writes
+  one model-states file per tp rank and one optimizer shard per (dp, tp) rank; the resumed
+  run's losses and every tensor of its final DeepSpeed checkpoint (weights, fp32 partitions,
+  AdamW moments) equal the uninterrupted run's (zero_to_fp32 does not join tp shards).
 - The deepspeed launcher with a localhost hostfile (`python -m launch deepspeed --run`): for a
   hostfile of one host it starts the ranks locally through deepspeed.launcher.launch (no ssh;
   --no_ssh_check skips its ssh probe of the host).
@@ -47,33 +51,79 @@ def _params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=f"step_{step:06d}")
 
 
+def _engine_files(run_dir: Path, step: int) -> list[str]:
+    return sorted(
+        p.name for p in (run_dir / "checkpoints" / "engine" / f"step_{step:06d}").iterdir()
+    )
+
+
+def _tensors(obj: object, path: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside a loaded checkpoint (nested dicts / lists), keyed by its path."""
+    if isinstance(obj, torch.Tensor):
+        return {path: obj}
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, (list, tuple))
+        else []
+    )
+    return {k: v for key, value in items for k, v in _tensors(value, f"{path}/{key}").items()}
+
+
+def _run_and_resume(common: list[str], nproc: int, tmp_path: Path) -> tuple[Path, Path, str]:
+    """An uninterrupted run of STEPS steps and one stopped after STEPS // 2 and resumed by new
+    processes to STEPS, under torchrun; their run directories and the first run's output. The
+    resumed run's losses must equal the uninterrupted run's."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    torchrun = ["torchrun", "--run", "--nproc-per-node", str(nproc), "--", *common]
+    out = _launch([*torchrun, f"train.run_dir={full}", f"train.steps={STEPS}"], tmp_path)
+    _launch([*torchrun, f"train.run_dir={split}", f"train.steps={STEPS // 2}"], tmp_path)
+    resumed = _launch(
+        [*torchrun, f"train.run_dir={split}", f"train.steps={STEPS}", "--resume"], tmp_path
+    )
+    assert f"resuming from step {STEPS // 2}" in resumed
+    want, got = _state(full)["losses"], _state(split)["losses"]
+    assert len(got) == STEPS and got == pytest.approx(want, abs=1e-6), (got, want)
+    return full, split, out
+
+
 @pytest.mark.timeout(400)
 def test_deepspeed_zero3_cp2_torchrun_resumes_exactly(tiny_prepared_data, tmp_path):
     common = [*DS, "deepspeed.zero_stage=3", "parallel.cp=2", f"data.path={tiny_prepared_data}"]
-    full, split = tmp_path / "full", tmp_path / "split"
-    out = _launch(
-        ["torchrun", "--run", "--nproc-per-node", "2", "--",
-         *common, f"train.run_dir={full}", f"train.steps={STEPS}"], tmp_path,
-    )  # fmt: skip
+    full, split, out = _run_and_resume(common, 2, tmp_path)
     assert "deepspeed engine, layout tp=1 pp=1 cp=2 dp=1" in out
     assert _state(full)["engine"]["zero_stage"] == 3
-    engine_dir = full / "checkpoints" / "engine" / f"step_{STEPS:06d}"
-    assert sorted(p.name for p in engine_dir.glob("*optim_states.pt")) == [
+    assert [f for f in _engine_files(full, STEPS) if f.endswith("optim_states.pt")] == [
         f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)
     ]  # one ZeRO partition per rank
-
-    torchrun = ["torchrun", "--run", "--nproc-per-node", "2", "--", *common]
-    _launch([*torchrun, f"train.run_dir={split}", f"train.steps={STEPS // 2}"], tmp_path)
-    out = _launch(
-        [*torchrun, f"train.run_dir={split}", f"train.steps={STEPS}", "--resume"], tmp_path
-    )
-    assert f"resuming from step {STEPS // 2}" in out
-    want, got = _state(full)["losses"], _state(split)["losses"]
-    assert len(got) == STEPS and got == pytest.approx(want, abs=1e-6), (got, want)
     want_params, got_params = _params(full, STEPS), _params(split, STEPS)
     assert set(want_params) == set(got_params) and "embed.weight" in want_params
     for name, value in want_params.items():
         assert torch.allclose(got_params[name], value, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_zero1_tp2xdp2_torchrun_resumes_exactly(tiny_prepared_data, tmp_path):
+    common = [*DS, "deepspeed.zero_stage=1", "parallel.tp=2", f"data.path={tiny_prepared_data}"]
+    full, split, out = _run_and_resume(common, 4, tmp_path)
+    assert "deepspeed engine, layout tp=2 pp=1 cp=1 dp=2" in out
+    files = _engine_files(full, STEPS)
+    assert files == _engine_files(split, STEPS) == [
+        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt",
+        *(f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in range(2) for t in range(2)),
+    ]  # fmt: skip
+    for name in files:
+        want, got = (
+            _tensors(torch.load(run / "checkpoints" / "engine" / f"step_{STEPS:06d}" / name,
+                                map_location="cpu", weights_only=False))
+            for run in (full, split)
+        )  # fmt: skip
+        assert want and set(got) == set(want), name
+        if name.startswith("mp_rank"):  # this tp rank's weights, e.g. its vocab shard
+            assert any(k.endswith("embed.weight") for k in want), sorted(want)
+        for key, value in want.items():
+            assert torch.allclose(got[key], value, atol=1e-6, rtol=0), (name, key)
 
 
 @pytest.mark.timeout(300)

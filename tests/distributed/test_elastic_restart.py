@@ -87,13 +87,18 @@ def uninterrupted(tiny_prepared_data, tmp_path_factory) -> Path:
 
 
 def _same_run(run_dir: Path, reference: Path) -> None:
+    from train.export import consolidated_state_dict  # the model-space checkpoint, whole
+
     for rank in range(2):
         got, want = _state(run_dir, rank), _state(reference, rank)
         assert got["step"] == STEPS
         assert got["losses"] == pytest.approx(want["losses"], abs=1e-6)
-        for name, value in want["engine"]["model"].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.allclose(got["engine"]["model"][name], value, atol=1e-6), name
+    got_model, want_model = (
+        consolidated_state_dict(run_dir)[0],
+        consolidated_state_dict(reference)[0],
+    )
+    for name, value in want_model.items():
+        assert torch.allclose(got_model[name], value, atol=1e-6), name
 
 
 @pytest.mark.timeout(400)

@@ -1,7 +1,7 @@
 """Megatron-core tp / pp / cp / dp training vs the single-process model, on gloo ranks.
 
-pytest tests/distributed/test_megatron_parity.py          (about 2 minutes on 2 cores;
-                                                           -m "not slow" skips the 8-rank run)
+pytest tests/distributed/test_megatron_parity.py    (about 70 s on 2 cores, plus about 2 minutes
+                                                     for the 8-rank runs -m "not slow" skips)
 
 Every layout trains the same tiny causal BigBird-style model (2 layers, d=32, 4 heads,
 seq 256, block 16, vocab 250 padded to the tp multiple) with MegatronEngine (Megatron DDP and
@@ -9,10 +9,13 @@ its DistributedOptimizer, or its plain optimizer) for 3 AdamW steps on the same 
 `LocalEngine` in this process, with gradient clipping active; some runs save the engine state
 mid-way and continue in a new engine. Compared: the loss, the gradient norm and the token count
 of every step, the validation loss after training and every final parameter (gathered from the
-tp / pp shards; dp / cp replicas and the tied embedding's two pipeline copies must agree
-exactly), within 1e-5 in fp32. Several layouts share one spawn of ranks (the groups are rebuilt
-between them) to keep the process start-up cost low. The unit checks at the end (weight
-slicing, CPU shims) need no processes.
+tp / pp shards; dp / cp replicas, the tied embedding's two pipeline copies and the tp ranks'
+norm weights must agree exactly), within 1e-5 in fp32. Megatron's sequence parallelism
+(`parallel.sequence_parallel`) runs with tp=2, tp2 x cp2, tp2 x pp2 and (slow, 8 ranks)
+tp2 x pp2 x cp2; the tp2 and tp2 x pp2 runs use micro-batches of 2 sequences (the
+[b, n] <-> [n, b] transposes around Megatron's layers) and recompute. Several layouts share one
+spawn of ranks (the groups are rebuilt between them) to keep the process start-up cost low.
+The unit checks at the end (weight slicing, CPU shims) need no processes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from tests.distributed.harness import run_ranks
 
 TOL = 1e-5
 UNTIED = mc.Case(tie_embeddings=False)
+SP_CASE = mc.Case(micro_batches=2, micro_batch_size=2, recompute=True)
+"""Sequence parallelism on batches of two sequences, each block an activation checkpoint."""
+SP = dict(sequence_parallel=True)
 
 
 _REFERENCES: dict[str, dict] = {}
@@ -76,7 +82,7 @@ def _check(per_rank: list[list[dict]], runs: list[mc.Run]) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_tp2_cp2_dp2_pp2_each_match_single_process(tmp_path):
+def test_tp2_cp2_dp2_pp2_and_tp2_sequence_parallel_each_match_single_process(tmp_path):
     runs = [
         mc.Run(dict(tp=2)),
         mc.Run(dict(cp=2)),
@@ -84,17 +90,20 @@ def test_tp2_cp2_dp2_pp2_each_match_single_process(tmp_path):
         mc.Run(dict(), distributed_optimizer=False, resume_after=1),
         mc.Run(dict(pp=2)),  # Megatron's 1F1B schedule; tied embedding on both stages
         mc.Run(dict(pp=2), UNTIED),
+        mc.Run(dict(tp=2, **SP), SP_CASE),
     ]
     per_rank = run_ranks(mc.parity_rank, 2, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []
 
 
 @pytest.mark.timeout(240)
-def test_tp2xcp2_and_pp2xdp2_match_single_process(tmp_path):
+def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
     runs = [
         mc.Run(dict(tp=2, cp=2)),
         mc.Run(dict(pp=2)),  # dp = 2: the tied embedding's two copies, sharded alike
         mc.Run(dict(pp=2), UNTIED, resume_after=2),
+        mc.Run(dict(tp=2, cp=2, **SP)),
+        mc.Run(dict(tp=2, pp=2, **SP), SP_CASE),  # the pipeline sends [n/tp, b, c]
     ]
     per_rank = run_ranks(mc.parity_rank, 4, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []
@@ -103,7 +112,7 @@ def test_tp2xcp2_and_pp2xdp2_match_single_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tp2xpp2xcp2_on_8_ranks_matches_single_process(tmp_path):
-    runs = [mc.Run(dict(tp=2, pp=2, cp=2))]
+    runs = [mc.Run(dict(tp=2, pp=2, cp=2)), mc.Run(dict(tp=2, pp=2, cp=2, **SP))]
     per_rank = run_ranks(mc.parity_rank, 8, tmp_path, args=(runs,), timeout=260)
     assert _check(per_rank, runs) == []
 

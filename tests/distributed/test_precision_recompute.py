@@ -17,7 +17,7 @@ All the Megatron runs share one spawn of 2 gloo ranks (module fixture `per_rank`
   (the fp32 master weights travel with it).
   cp=2 and pp=2 bf16 steps (fp32 attention around the cp exchange, bf16 pipeline p2p) track
   their fp32 runs too.
-- LocalEngine bf16 (autocast) tracks fp32; option validation; sequence_parallel's refusal on CPU.
+- LocalEngine bf16 (autocast) tracks fp32; option validation.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from model.transformer import Transformer
-from parallel.layout import Layout
 from tests.distributed import megatron_cases as mc
 from tests.distributed.harness import run_ranks
 from train.engine import LocalEngine, OptimArgs
@@ -156,23 +155,3 @@ def test_precision_must_be_fp32_or_bf16():
     assert OptimArgs(precision="bf16").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="optim.precision='fp16'"):
         OptimArgs(precision="fp16")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU machine")
-def test_sequence_parallel_is_refused_without_cuda_with_the_reason():
-    from train.megatron_engine import MegatronEngine, sequence_parallel_unavailable
-
-    reason = sequence_parallel_unavailable()
-    assert reason is not None and "CUDA" in reason and "Transformer Engine" in reason
-    case = mc.Case()
-    with pytest.raises(ValueError, match="sequence_parallel=True needs CUDA"):
-        MegatronEngine(
-            case.model_args(),
-            case.attn_cfg(),
-            Layout(tp=2),
-            None,  # type: ignore[arg-type]  # refused before the groups are used
-            mc.OPTIM,
-            mc.SCHEDULE,
-            total_steps=1,
-            sequence_parallel=True,
-        )

@@ -1,0 +1,178 @@
+"""The Megatron engine's training state in model space: what makes its checkpoints reshard.
+
+    state = megatron_sharded_state(engine)          # {"version", "layout", ..., "tensors"}
+    manager.save(step, {"engine": state, ...}, config)   # tensors written with DCP
+    load_megatron_sharded_state(engine, loaded["engine"])  # any tp / pp / cp / dp layout
+
+Every tensor is keyed by the single-process model's parameter name and has its unpadded
+shape: `model.<name>` the parameter (in bf16 runs the fp32 master weights, the exact values),
+`optim.exp_avg.<name>` / `optim.exp_avg_sq.<name>` AdamW's moments; Adam's step count is one
+number. A rank contributes the pieces of its stage's tp shards (ParallelTransformer.
+sharded_pieces); cp and dp replicas, and the last stage's copy of a tied embedding, are not
+written. Megatron's DistributedOptimizer keeps each parameter's fp32 master / moments split
+over the data x context ranks (flat ranges of the parameter); saving sums those ranges into
+whole tp-shard-shaped tensors over that group (one all-reduce per kind, memory three times this
+rank's parameters), loading cuts this rank's range out again. Padded vocabulary rows are zero
+in the weights and moments (their gradient is always zero), so they load as zeros for any tp.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from train.checkpoint import ShardedState, ShardedStateRef
+
+if TYPE_CHECKING:
+    from train.megatron_engine import MegatronEngine
+
+__all__ = ["SHARDED_VERSION", "megatron_sharded_state", "load_megatron_sharded_state"]
+
+SHARDED_VERSION = 2
+"""Version of the engine's model-space state (1 was the per-rank, same-layout state_dict)."""
+
+KINDS = ("model", "optim.exp_avg", "optim.exp_avg_sq")
+_STATE_OF_KIND = {"model": "param", "optim.exp_avg": "exp_avg", "optim.exp_avg_sq": "exp_avg_sq"}
+
+log = logging.getLogger(__name__)
+
+
+class _Owned:
+    """This rank's optimizer range of one model parameter: elements [start, end) of its flat
+    view, the fp32 main tensor of those elements and the torch optimizer holding its state."""
+
+    def __init__(self, start: int, end: int, main: torch.Tensor, opt: torch.optim.Optimizer):
+        self.start, self.end, self.main, self.opt = start, end, main, opt
+
+    def state(self) -> dict[str, Any]:
+        return self.opt.state.setdefault(self.main, {})
+
+
+def _owned_ranges(engine: MegatronEngine) -> tuple[dict[torch.Tensor, _Owned], Any]:
+    """Per model parameter this rank's _Owned range, and the group over which the ranges are
+    split (None when every rank holds its parameters' whole state)."""
+    owned: dict[torch.Tensor, _Owned] = {}
+    group = None
+    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        if hasattr(opt, "model_param_group_index_map"):  # DistributedOptimizer
+            group = opt.data_parallel_group
+            for param in opt.model_param_group_index_map:
+                rng = opt._get_model_param_range_map(param)["param"]
+                gi, order = opt.model_param_group_index_map[param]
+                main = opt.optimizer.param_groups[gi]["params"][order]
+                owned[param] = _Owned(rng.start, rng.end, main, opt.optimizer)
+        elif hasattr(opt, "float16_groups"):  # plain mixed precision: fp32 copies
+            for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True):
+                for param, main in zip(models, mains, strict=True):
+                    owned[param] = _Owned(0, param.numel(), main, opt.optimizer)
+            for params in opt.fp32_from_fp32_groups:
+                for param in params:
+                    owned[param] = _Owned(0, param.numel(), param, opt.optimizer)
+        else:  # FP32Optimizer: the parameters themselves
+            for group_ in opt.optimizer.param_groups:
+                for param in group_["params"]:
+                    owned[param] = _Owned(0, param.numel(), param, opt.optimizer)
+    return owned, group
+
+
+def _adam_step(owned: dict[torch.Tensor, _Owned]) -> int:
+    steps = [int(o.state()["step"]) for o in owned.values() if "step" in o.state()]
+    return max(steps, default=0)
+
+
+def megatron_sharded_state(engine: MegatronEngine) -> dict[str, Any]:
+    """The engine's state in model space (module doc); collective over the engine's groups."""
+    stage = engine.stage
+    params = dict(stage.named_parameters())
+    owned, group = _owned_ranges(engine)
+    total = sum(p.numel() for p in params.values())
+    flats = {}
+    for kind in KINDS:
+        flat = torch.zeros(total, dtype=torch.float32, device=engine.device)
+        offset = 0
+        for param in params.values():
+            own = owned.get(param)
+            if own is not None:
+                key = _STATE_OF_KIND[kind]
+                source = own.main if key == "param" else own.state().get(key)
+                if source is not None:
+                    flat[offset + own.start : offset + own.end] = source.detach().view(-1)
+            offset += param.numel()
+        if group is not None and group.size() > 1:
+            dist.all_reduce(flat, group=group)
+        flats[kind] = flat
+    step = torch.tensor(float(_adam_step(owned)), device=engine.device)
+    if group is not None and group.size() > 1:
+        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
+    tensors = ShardedState()
+    writer = engine.groups.cp_rank == 0 and engine.groups.dp_rank == 0
+    for kind, flat in flats.items():
+        offset = 0
+        for name, param in params.items():
+            local = flat[offset : offset + param.numel()].view(param.shape)
+            offset += param.numel()
+            gname, shape, pieces = stage.sharded_pieces(name, local)
+            # The last stage's copy of a tied embedding is the first stage's, written there.
+            write = writer and not getattr(param, "shared", False)
+            tensors.add(f"{kind}.{gname}", shape, pieces, write=write)
+    return {
+        "version": SHARDED_VERSION,
+        "layout": engine._layout_key(),
+        "precision": engine.precision,
+        "adam_step": int(step),
+        "tensors": tensors,
+    }
+
+
+@torch.no_grad()
+def load_megatron_sharded_state(engine: MegatronEngine, state: dict[str, Any]) -> None:
+    """Load a model-space state written under any layout (collective: DCP reads)."""
+    if state.get("version") != SHARDED_VERSION:
+        raise ValueError(
+            f"engine state version {state.get('version')!r} is not {SHARDED_VERSION}: it was "
+            "written by another version of the Megatron engine (version 1 states are per-rank "
+            "and load only through MegatronEngine.load_state_dict under the same layout)"
+        )
+    ref = state["tensors"]
+    if not isinstance(ref, ShardedStateRef):
+        raise TypeError("the engine state's tensors must come from CheckpointManager.load_latest")
+    if state["layout"] != engine._layout_key():
+        log.info(
+            "resharding the Megatron state from (tp, pp, cp, dp) = %s to %s",
+            state["layout"], engine._layout_key(),
+        )  # fmt: skip
+    if state.get("precision") != engine.precision:
+        log.warning(
+            "the checkpoint was written with optim.precision=%s, this run uses %s: its fp32 "
+            "weights and AdamW state are cast", state.get("precision"), engine.precision,
+        )  # fmt: skip
+    stage = engine.stage
+    template = ShardedState()
+    locals_: dict[tuple[str, str], torch.Tensor] = {}
+    for kind in KINDS:
+        for name, param in stage.named_parameters():
+            local = torch.zeros(param.shape, dtype=torch.float32, device=engine.device)
+            locals_[kind, name] = local
+            gname, shape, pieces = stage.sharded_pieces(name, local)
+            template.add(f"{kind}.{gname}", shape, pieces)
+    ref.load_into(template)
+    owned, _ = _owned_ranges(engine)
+    step = torch.tensor(float(state["adam_step"]))
+    for name, param in stage.named_parameters():
+        param.copy_(locals_["model", name])
+        own = owned.get(param)
+        if own is None:
+            continue
+        own.main.copy_(locals_["model", name].view(-1)[own.start : own.end])
+        opt_state = own.state()
+        for kind in KINDS[1:]:
+            value = locals_[kind, name].view(-1)[own.start : own.end].to(own.main.dtype)
+            opt_state[_STATE_OF_KIND[kind]] = value.clone()
+        opt_state["step"] = step.clone()
+    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        for group in opt.optimizer.param_groups:  # fused Adams keep the step per group
+            if "step" in group:
+                group["step"] = int(step)
