@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.context_parallel
 	$(BIN)/python -m benchmarks.cp_overlap
 	$(BIN)/python -m benchmarks.data
+	$(BIN)/python -m benchmarks.passkey_paths
 
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,8 @@ import sys
 from parallel.collective_timeout import CollectiveTimeout
 from train.config import load_config
 from train.engine import NonFiniteLossError
-from train.loop import RESUME_MODES, train
+from train.loop import train
+from train.run_setup import RESUME_MODES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
 from parallel.layout import sequence_parallel_refusal
 from train.checkpoint import CheckpointArgs
-from train.deepspeed_engine import DeepSpeedArgs, deepspeed_refusal
+from train.deepspeed_config import DeepSpeedArgs, deepspeed_refusal
 from train.engine import OptimArgs, ScheduleArgs
 from train.metrics import LoggingArgs
 

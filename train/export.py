@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import ShardedStateRef, read_meta, step_dir_of
+from train.checkpoint import read_meta, step_dir_of
+from train.sharded_state import ShardedStateRef
 
 __all__ = ["consolidated_state_dict", "export", "main"]
 

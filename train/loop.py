@@ -26,24 +26,20 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.loader import build_train_stream, build_val_batches
-from data.prepare import read_manifest
 from parallel.collective_timeout import name_failed_collectives
-from train.checkpoint import CheckpointManager, ShardedEngine
+from train.checkpoint import CheckpointManager
 from train.config import Config, config_to_dict, save_config
 from train.engine import NonFiniteLossError
 from train.engine_choice import (
@@ -56,14 +52,19 @@ from train.engine_choice import (
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
 from train.preemption import GracefulStop, fault_injection, hang_injection
+from train.run_setup import (
+    LaunchEnv,
+    check_data,
+    resolve_device,
+    resume_mode,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from train.sharded_state import ShardedEngine
 from train.step_metrics import StepMeter, render_run_pattern
 
-__all__ = ["train", "TrainResult", "seed_everything", "check_data", "RESUME_MODES"]
-
-RESUME_MODES = ("no", "yes", "auto")
-"""no: refuse a run directory that holds checkpoints; yes: continue from the newest one (warn
-when there is none); auto: continue when there is one, else start (what torchrun restarts use).
-"""
+__all__ = ["train", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
@@ -100,94 +101,6 @@ class TrainResult:
         return sum(window) / len(window) if window else float("nan")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class _Dist:
-    """This process's place in a torchrun / deepspeed launch (world 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and "MASTER_ADDR" not in os.environ:
-            raise ValueError(
-                f"WORLD_SIZE={world} but MASTER_ADDR is not set: start multi-process runs with "
-                "torchrun (e.g. torchrun --nproc-per-node 4 -m train --config ...)"
-            )
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def resume_mode(resume: bool | str) -> str:
-    """One of RESUME_MODES; under a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) "no"
-    becomes "auto", so that a restarted job continues from its last checkpoint."""
-    mode = {True: "yes", False: "no"}.get(resume, resume) if isinstance(resume, bool) else resume
-    if mode not in RESUME_MODES:
-        raise ValueError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
-    if mode == "no" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return "auto"
-    return mode
-
-
-def check_data(cfg: Config) -> dict[str, Any]:
-    """The prepared data's manifest, after checking its tokenizer fits model.vocab_size."""
-    path = Path(cfg.data.path)
-    if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(
-            f"no prepared data in {path} (manifest.json is missing); prepare it first with:\n"
-            f"    python -m data.prepare --out {path} --vocab-size {cfg.model.vocab_size}"
-        )
-    manifest = read_manifest(path)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"of {vocab} ({path}/manifest.json); set model.vocab_size={vocab} or re-prepare "
-            f"the data with --vocab-size {cfg.model.vocab_size}"
-        )
-    return manifest
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def train(cfg: Config, resume: bool | str = False) -> TrainResult:
     """Run (or continue, with `resume`: a bool or one of RESUME_MODES) the training of `cfg`.
 
@@ -198,7 +111,7 @@ def train(cfg: Config, resume: bool | str = False) -> TrainResult:
     """
     t0 = time.perf_counter()
     targs = cfg.train
-    env = _Dist.from_env()
+    env = LaunchEnv.from_env()
     kind = engine_kind(cfg, env.world)
     if kind == "local" and targs.engine == "auto" and resume_mode(resume) != "no":
         if CheckpointManager(cfg.checkpoint, targs.run_dir).saved_engine() == "megatron":
@@ -209,7 +122,7 @@ def train(cfg: Config, resume: bool | str = False) -> TrainResult:
 
         layout = Layout.create(cfg.parallel, env.world, cfg.model, cfg.attention, targs.seq_len)
         if kind == "deepspeed":
-            from train.deepspeed_engine import deepspeed_refusal
+            from train.deepspeed_config import deepspeed_refusal
 
             reason = deepspeed_refusal(layout.pp)
             if reason is not None:
@@ -217,7 +130,7 @@ def train(cfg: Config, resume: bool | str = False) -> TrainResult:
     manifest = check_data(cfg)
     run_dir = Path(targs.run_dir)
     config_dict = config_to_dict(cfg)
-    device = _device(targs.device)
+    device = resolve_device(targs.device)
     own_group = False
     if layout is not None and not dist.is_initialized():
         if device.type == "cuda":
@@ -305,7 +218,7 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
         if isinstance(engine, ExternalCheckpoint):
             engine.load_checkpoint(engine_dir, state["engine_tag"])
         stream.load_state_dict(ckpt.data_state_for(state, stream.state_dict()["order"]))
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         resume_id = state["wandb_run_id"]
         result.start_step = result.steps = state["step"]
         result.losses = list(state["losses"])
@@ -352,7 +265,7 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
             ),
             "engine_kind": kind,
             "data": stream.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "wandb_run_id": metrics.run_id,
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],
             "losses": result.losses,

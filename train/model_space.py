@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import ShardedState, ShardedStateRef
+from train.sharded_state import ShardedState, ShardedStateRef
 
 if TYPE_CHECKING:
     from train.megatron_engine import MegatronEngine

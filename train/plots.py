@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def _moving_average(values: Sequence[float], width: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= width:
-            total -= values[i - width]
-        out.append(total / min(i + 1, width))
+    """Mean of the last `width` finite values at each index (NaN where there is none): a
+    skipped step's NaN loss leaves a gap instead of poisoning the rest of the curve."""
+    out = []
+    for i in range(len(values)):
+        window = [v for v in values[max(0, i - width + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(window) / len(window) if window else math.nan)
     return out
 
 

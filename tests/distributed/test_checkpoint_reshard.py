@@ -93,7 +93,7 @@ def _model_space(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """Every tensor (parameters and AdamW moments) of a Megatron checkpoint, consolidated."""
     import torch.distributed.checkpoint as dcp
 
-    from train.checkpoint import ShardedStateRef
+    from train.sharded_state import ShardedStateRef
 
     path = run_dir / "checkpoints" / f"step_{step:06d}" / "engine.tensors"
     tensors = {k: torch.zeros(s) for k, s in ShardedStateRef(path.name, path).shapes().items()}

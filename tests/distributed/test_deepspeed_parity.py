@@ -36,7 +36,8 @@ def ds_rank(rank: int, world: int, runs: list[tuple[dict, int, str]]) -> list[di
     these ranks (dp derived from the world size)."""
     from parallel.layout import Layout
     from train.config import ParallelArgs
-    from train.deepspeed_engine import DeepSpeedArgs, DeepSpeedEngine
+    from train.deepspeed_config import DeepSpeedArgs
+    from train.deepspeed_engine import DeepSpeedEngine
 
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asserts a launcher set it
 
@@ -133,7 +134,7 @@ def test_zero_stages_match_single_process(world, runs, tmp_path):
 
 
 def test_deepspeed_refuses_pp_and_owned_keys():
-    from train.deepspeed_engine import DeepSpeedArgs, deepspeed_refusal
+    from train.deepspeed_config import DeepSpeedArgs, deepspeed_refusal
 
     assert "parallel.pp=2" in (deepspeed_refusal(2) or "")
     assert deepspeed_refusal(1) is None

@@ -143,8 +143,8 @@ def test_resume_modes_and_stop_flag(monkeypatch):
     import os
     import signal
 
-    from train.loop import resume_mode
     from train.preemption import GracefulStop
+    from train.run_setup import resume_mode
 
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     assert [resume_mode(v) for v in (False, True, "auto", "yes")] == ["no", "yes", "auto", "yes"]

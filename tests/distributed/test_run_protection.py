@@ -190,7 +190,8 @@ def _deepspeed_nan_step(rank: int, world: int, stages: list[int]) -> list[dict]:
     os.environ.setdefault("LOCAL_RANK", str(rank))  # DeepSpeed asserts a launcher set it
     from parallel.layout import Layout
     from tests.distributed.megatron_cases import OPTIM, SCHEDULE, Case, batches
-    from train.deepspeed_engine import DeepSpeedArgs, DeepSpeedEngine
+    from train.deepspeed_config import DeepSpeedArgs
+    from train.deepspeed_engine import DeepSpeedEngine
 
     case = Case(n_layers=2, micro_batches=2)
     out = []

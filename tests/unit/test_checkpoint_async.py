@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from parallel.local_ranks import free_port
-from train.checkpoint import CheckpointArgs, CheckpointManager, ShardedState
+from train.checkpoint import CheckpointArgs, CheckpointManager
+from train.sharded_state import ShardedState
 
 
 @pytest.fixture

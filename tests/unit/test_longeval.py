@@ -172,3 +172,11 @@ def test_evaluate_logs_into_the_runs_wandb_run(trained_run, tmp_path):
     files = sorted(trained_run.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
     assert len(files) == 2  # the training run's, then the evaluation's (same id, resumed)
     assert any(b"eval/passkey_accuracy" in f.read_bytes() for f in files)
+
+
+def test_loss_curve_mean_skips_the_nan_of_a_skipped_step():
+    from train.plots import _moving_average
+
+    smooth = _moving_average([4.0, math.nan, 2.0, 6.0, 1.0], width=2)
+    assert smooth[:2] == [4.0, 4.0] and smooth[2:] == [2.0, 4.0, 3.5]
+    assert math.isnan(_moving_average([math.nan], width=3)[0])

@@ -1,0 +1,328 @@
+"""Passkey beyond the window: window-only vs BigBird at the same attention budget, trained.
+
+    python -m benchmarks.passkey_paths [--steps 1200] [--seq-len 256] [--layers 2] [--quick]
+                                       [--out benchmarks/results/passkey_paths.json]
+
+Two causal models of the same size, seed, data and number of steps differ only in the pattern:
+- bigbird: the demo's pattern (configs/demo.yaml): window 3 blocks, 1 global block, 2 random;
+- window: a sliding window of 6 blocks, no global and no random blocks.
+Each query block attends to 6 key blocks in both, and `train.flops.attention_pairs` (the
+pattern's exact pair count, the MFU budget) is the same to the pair. Defaults: block 16,
+256 tokens (16 blocks), 2 layers of width 64, so the window-only receptive field is 10 blocks
+and about a third of the keys lie beyond it; about 3.5 min on 2 idle CPU cores.
+
+Task (synthetic, integer tokens): a cyclic filler, a MARKER followed by a `key_len`-token
+key planted at a uniformly random position, and at the end QUERY then the key again; the loss is
+the cross entropy of the key tokens at the answer positions only (teacher forced). Key token i
+comes from its own vocabulary of `key_values` ids, so chance is 1/key_values per token and
+1/key_values**key_len for the whole key.
+
+A window-only model with L layers sees from the last block back L * (window_blocks - 1) blocks
+(its receptive field: `window_reach_blocks`); a key before that is invisible to it, so its
+accuracy there must be chance. In a causal model the global block is a visible prefix, so a key
+beyond the window reaches the answer only through random blocks (or by sitting in the prefix).
+Accuracy is reported by bucket: `within_reach`, `beyond_reach`, and beyond reach split by
+whether the evaluated step's random draw connects the key to the answer (`beyond_with_path`,
+`beyond_without_path`, from the composed dense masks). Evaluation uses fresh draws (steps after
+the training steps), as training does. Writes JSON; asserts nothing. The structural twin of this
+benchmark (gradients are exactly zero beyond the receptive field) is
+tests/unit/test_passkey_paths.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model.sparse import SparsityConfig, sparse_attention
+from model.transformer import ModelArgs, Transformer
+from train.config import load_config
+from train.flops import attention_pairs
+
+RESULTS = Path(__file__).parent / "results" / "passkey_paths.json"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
+BUCKETS = ("within_reach", "beyond_reach", "beyond_with_path", "beyond_without_path")
+
+
+@dataclass(frozen=True)
+class PasskeyTask:
+    """Vocabulary layout and geometry of the synthetic passkey sequences."""
+
+    seq_len: int = 512
+    """Tokens per sequence, the answer positions included."""
+    key_len: int = 2
+    """Tokens of the key."""
+    key_values: int = 16
+    """Values each key token can take (its own id range per key position)."""
+    filler_values: int = 16
+    """Ids of the filler, which cycles through them from a random phase (the repeated filler
+    line of train/longeval.py's passkey prompt, in integers)."""
+
+    @property
+    def marker(self) -> int:
+        return self.filler_values
+
+    @property
+    def query(self) -> int:
+        return self.filler_values + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.filler_values + 2 + self.key_len * self.key_values
+
+    @property
+    def answer_start(self) -> int:
+        """Position of QUERY, whose logits predict the first key token."""
+        return self.seq_len - self.key_len
+
+    def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        """tokens [size, seq_len], keys [size, key_len] (the answers as token ids) and
+        key_start [size] (position of the key's first token)."""
+        n, k, q = self.seq_len, self.key_len, self.answer_start
+        phase = torch.randint(0, self.filler_values, (size, 1), generator=gen)
+        tokens = (phase + torch.arange(n)) % self.filler_values
+        offsets = self.filler_values + 2 + self.key_values * torch.arange(k)
+        keys = torch.randint(0, self.key_values, (size, k), generator=gen) + offsets
+        marker_at = torch.randint(0, q - k, (size,), generator=gen)  # the key ends before QUERY
+        rows = torch.arange(size)
+        tokens[rows, marker_at] = self.marker
+        for i in range(k):
+            tokens[rows, marker_at + 1 + i] = keys[:, i]
+        tokens[:, q] = self.query
+        tokens[:, q + 1 :] = keys[:, : k - 1]
+        return {"tokens": tokens, "keys": keys, "key_start": marker_at + 1}
+
+
+def patterns(block_size: int) -> dict[str, SparsityConfig]:
+    """The demo's causal BigBird pattern (configs/demo.yaml at `block_size`) and the
+    window-only pattern as wide as it: window + global + random key blocks per query block."""
+    bigbird = replace(load_config(DEMO_CONFIG).attention, block_size=block_size)
+    width = bigbird.window_blocks + bigbird.global_blocks + bigbird.random_blocks
+    window = replace(bigbird, window_blocks=width, global_blocks=0, random_blocks=0)
+    return {"window": window, "bigbird": bigbird}
+
+
+def window_reach_blocks(cfg: SparsityConfig, n_layers: int) -> int:
+    """Blocks before its own that a query block's receptive field spans through the window
+    alone after `n_layers` layers (causal: left_blocks per layer)."""
+    return n_layers * cfg.left_blocks * cfg.max_dilation
+
+
+def reachable_from(cfg: SparsityConfig, seq_len: int, n_layers: int, step: int, query: int):
+    """bool [seq_len]: tokens whose embedding can influence position `query`'s output through
+    the composed attention masks of the layers at `step` (exact; O(seq^2) per layer)."""
+    seen = torch.zeros(seq_len)
+    seen[query] = 1.0
+    for layer in reversed(range(n_layers)):
+        mask = cfg.dense_mask(seq_len, layer=layer, step=step)[0].float()
+        seen = ((seen @ mask) > 0).float()
+    return seen.bool()
+
+
+def train(
+    cfg: SparsityConfig,
+    task: PasskeyTask,
+    model_args: ModelArgs,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    log_every: int,
+) -> tuple[Transformer, list[dict[str, float]], float]:
+    """AdamW with linear warmup and cosine decay on the answer loss; the same batches for every
+    pattern (one generator per run, seeded alike). Returns the model, the loss curve (mean over
+    each `log_every` steps) and the seconds spent."""
+    model = Transformer(model_args, cfg, attention_fn=sparse_attention, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        ),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    q = task.answer_start
+    curve, window_losses = [], []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        data = task.batch(gen, batch)
+        logits = model(data["tokens"], step=step)[:, q:]
+        loss = F.cross_entropy(logits.flatten(0, 1), data["keys"].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        window_losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "loss": sum(window_losses) / len(window_losses)})
+            window_losses = []
+            print(f"  step {step + 1}: answer loss {curve[-1]['loss']:.3f}", flush=True)
+    return model, curve, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    cfg: SparsityConfig,
+    task: PasskeyTask,
+    reach: int,
+    samples: int,
+    batch: int,
+    first_step: int,
+    seed: int,
+) -> dict[str, dict[str, float | None]]:
+    """Greedy accuracy of the key tokens (per token and whole key) by bucket, `reach` being the
+    window-only receptive field in blocks (the same buckets for every pattern); each batch uses
+    the random draw of its own step, from `first_step` on (draws training never saw)."""
+    model.eval()
+    n_layers = model.args.n_layers
+    gen = torch.Generator().manual_seed(seed)
+    q, n, b = task.answer_start, task.seq_len, cfg.block_size
+    # The key must be seen by every answer position; the answer sits in the last block.
+    last_block = (n - 1) // b
+    tallies = {name: [0, 0.0, 0.0] for name in BUCKETS}  # samples, token hits, key hits
+    for i in range((samples + batch - 1) // batch):
+        step = first_step + i
+        data = task.batch(gen, min(batch, samples - i * batch))
+        pred = model(data["tokens"], step=step)[:, q:].argmax(-1)
+        hits = (pred == data["keys"]).float()
+        path = reachable_from(cfg, n, n_layers, step, q)
+        for row in range(hits.shape[0]):
+            start = int(data["key_start"][row])
+            key_pos = torch.arange(start, start + task.key_len)
+            within = start // b >= last_block - reach
+            with_path = bool(path[key_pos].all())
+            names = ["within_reach"] if within else ["beyond_reach"]
+            if not within:
+                names.append("beyond_with_path" if with_path else "beyond_without_path")
+            for name in names:
+                t = tallies[name]
+                t[0] += 1
+                t[1] += float(hits[row].mean())
+                t[2] += float(hits[row].all())
+    model.train()
+    return {
+        name: {
+            "samples": int(t[0]),
+            "token_accuracy": round(t[1] / t[0], 4) if t[0] else None,
+            "key_accuracy": round(t[2] / t[0], 4) if t[0] else None,
+        }
+        for name, t in tallies.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-len", type=int, default=None, help="default 256; quick 128")
+    p.add_argument("--block-size", type=int, default=None, help="default 16; quick 8")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=None, help="default 64; quick 32")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="default 1200; quick 4")
+    p.add_argument("--batch", type=int, default=None, help="default 32; quick 4")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--key-len", type=int, default=2)
+    p.add_argument("--key-values", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=None, help="default 1024; quick 16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    def pick(value: int | None, full: int, quick: int) -> int:
+        return value if value is not None else (quick if a.quick else full)
+
+    seq_len = pick(a.seq_len, 256, 128)
+    block = pick(a.block_size, 16, 8)
+    steps = pick(a.steps, 1200, 4)
+    batch = pick(a.batch, 32, 4)
+    eval_samples = pick(a.eval_samples, 1024, 16)
+    task = PasskeyTask(seq_len=seq_len, key_len=a.key_len, key_values=a.key_values)
+    model_args = ModelArgs(
+        vocab_size=task.vocab_size,
+        d_model=pick(a.d_model, 64, 32),
+        n_layers=a.layers,
+        n_heads=a.heads,
+    )
+    cfgs = patterns(block)
+    budget = {
+        name: attention_pairs(cfg, seq_len, model_args.n_heads, model_args.n_layers)
+        for name, cfg in cfgs.items()
+    }
+    reach = window_reach_blocks(cfgs["window"], model_args.n_layers)
+    print(f"pairs per sequence {budget}; window-only reach {reach} blocks", flush=True)
+
+    results: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for name, cfg in cfgs.items():
+        print(f"{name}: {cfg}", flush=True)
+        model, curve, seconds = train(
+            cfg, task, model_args, steps, batch, a.lr, a.seed, max(1, steps // 10)
+        )
+        t0 = time.perf_counter()
+        buckets = evaluate(model, cfg, task, reach, eval_samples, 64, steps, a.seed + 1)
+        results[name] = {
+            "pattern": asdict(cfg),
+            "attention_pairs": budget[name],
+            "train_seconds": round(seconds, 1),
+            "eval_seconds": round(time.perf_counter() - t0, 1),
+            "loss_curve": [{"step": c["step"], "loss": round(c["loss"], 4)} for c in curve],
+            "accuracy": buckets,
+        }
+        print(json.dumps(buckets), flush=True)
+
+    report = {
+        "benchmark": "passkey_paths",
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "threads": a.threads,
+            "cpus": os.cpu_count(),
+        },
+        "settings": {
+            "quick": a.quick,
+            "model": asdict(model_args),
+            "task": asdict(task),
+            "block_size": block,
+            "steps": steps,
+            "batch": batch,
+            "lr": a.lr,
+            "seed": a.seed,
+            "eval_samples": eval_samples,
+        },
+        "budget": {
+            "attention_pairs": budget,
+            "ratio_bigbird_to_window": round(budget["bigbird"] / budget["window"], 4),
+        },
+        "window_reach": {"blocks": reach, "tokens": reach * block},
+        "chance": {
+            "token_accuracy": 1.0 / task.key_values,
+            "key_accuracy": 1.0 / task.key_values**task.key_len,
+        },
+        "patterns": results,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

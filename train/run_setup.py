@@ -1,0 +1,123 @@
+"""Setting up a run before the loop starts: the launch, the resume mode, the data, the seeds.
+
+    env = LaunchEnv.from_env()             # rank / world / local_rank of a torchrun launch
+    mode = resume_mode(resume)             # one of RESUME_MODES ("auto" after a torchrun restart)
+    manifest = check_data(cfg)             # the prepared data's manifest, checked against the model
+    seed_everything(cfg.train.seed)
+    state = rng_state(); set_rng_state(state)   # python, numpy, torch and CUDA RNGs (checkpoints)
+
+Used by train.loop (and `python -m train` for RESUME_MODES).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.prepare import read_manifest
+from train.config import Config
+
+__all__ = [
+    "LaunchEnv", "RESUME_MODES", "check_data", "resolve_device", "resume_mode", "rng_state",
+    "seed_everything", "set_rng_state",
+]  # fmt: skip
+
+RESUME_MODES = ("no", "yes", "auto")
+"""no: refuse a run directory that holds checkpoints; yes: continue from the newest one (warn
+when there is none); auto: continue when there is one, else start (what torchrun restarts use).
+"""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class LaunchEnv:
+    """This process's place in a torchrun / deepspeed launch (world 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> LaunchEnv:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and "MASTER_ADDR" not in os.environ:
+            raise ValueError(
+                f"WORLD_SIZE={world} but MASTER_ADDR is not set: start multi-process runs with "
+                "torchrun (e.g. torchrun --nproc-per-node 4 -m train --config ...)"
+            )
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def resume_mode(resume: bool | str) -> str:
+    """One of RESUME_MODES; under a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) "no"
+    becomes "auto", so that a restarted job continues from its last checkpoint."""
+    mode = {True: "yes", False: "no"}.get(resume, resume) if isinstance(resume, bool) else resume
+    if mode not in RESUME_MODES:
+        raise ValueError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
+    if mode == "no" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return "auto"
+    return mode
+
+
+def check_data(cfg: Config) -> dict[str, Any]:
+    """The prepared data's manifest, after checking its tokenizer fits model.vocab_size."""
+    path = Path(cfg.data.path)
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"no prepared data in {path} (manifest.json is missing); prepare it first with:\n"
+            f"    python -m data.prepare --out {path} --vocab-size {cfg.model.vocab_size}"
+        )
+    manifest = read_manifest(path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"of {vocab} ({path}/manifest.json); set model.vocab_size={vocab} or re-prepare "
+            f"the data with --vocab-size {cfg.model.vocab_size}"
+        )
+    return manifest
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
