@@ -37,6 +37,7 @@ from parallel.cp_comm import (
     attach_token,
     halo_exchange,
     random_exchange,
+    token_grad,
 )
 from parallel.cp_plan import rank_plan
 from parallel.traffic import TrafficCounter, all_reduce_bytes
@@ -213,8 +214,7 @@ class _PlaceRows(torch.autograd.Function):
         d_rows[owner, :, slot] = grad[owner, :, where]
         d_out = grad.clone()
         d_out[owner, :, where] = 0
-        d_token = grad.new_zeros(0) if ctx.needs_input_grad[0] else None
-        return (d_token, d_rows, None, None, None, *d_out.split(ctx.sizes, dim=2))
+        return (token_grad(ctx, 0, grad), d_rows, None, None, None, *d_out.split(ctx.sizes, dim=2))
 
 
 def _place_rows(parts, rows, glob: GlobalSet, lo: int, n_local: int, token) -> torch.Tensor:

@@ -78,7 +78,8 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _token_grad(ctx, index: int, like: torch.Tensor):
+def token_grad(ctx, index: int, like: torch.Tensor):
+    """The gradient of a Function's token input `index`: empty, or None when not needed."""
     return like.new_zeros(0) if ctx.needs_input_grad[index] else None
 
 
@@ -91,7 +92,7 @@ class _Attach(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return (_token_grad(ctx, 0, grad), *grad.split(ctx.sizes, dim=2))
+        return (token_grad(ctx, 0, grad), *grad.split(ctx.sizes, dim=2))
 
 
 def attach_token(parts: list[torch.Tensor], token) -> torch.Tensor:
@@ -123,7 +124,7 @@ class _AllReduceSum(torch.autograd.Function):
         with ctx.comm.blocked(ctx.kind, "backward"):
             dist.all_reduce(g, group=ctx.comm.group)
         ctx.comm.count(ctx.kind, "backward", all_reduce_bytes(_nbytes(g), ctx.comm.world))
-        return None, None, _token_grad(ctx, 2, g), g
+        return None, None, token_grad(ctx, 2, g), g
 
 
 def all_reduce_sum(comm: CPComm, kind: str, token, x: torch.Tensor):
@@ -179,7 +180,7 @@ class _RandomExchange(torch.autograd.Function):
         dkv = g.new_zeros(ctx.shape)
         dkv.index_add_(3, send_idx, back.movedim(0, 3))
         dkv = dkv.view(2, batch, heads, nl * block, dim)
-        return None, None, None, _token_grad(ctx, 3, dkv), dkv[0], dkv[1]
+        return None, None, None, token_grad(ctx, 3, dkv), dkv[0], dkv[1]
 
 
 def random_exchange(comm: CPComm, plan: RankPlan, block: int, token, k, v):
@@ -245,7 +246,7 @@ class _HaloStart(torch.autograd.Function):
         state.grad_works.clear()
         state.grad_sent.clear()
         state.grad_received.clear()
-        return None, _token_grad(ctx, 1, dkv), dkv[0], dkv[1]
+        return None, token_grad(ctx, 1, dkv), dkv[0], dkv[1]
 
 
 class _HaloWait(torch.autograd.Function):
@@ -288,7 +289,7 @@ class _HaloWait(torch.autograd.Function):
             state.grad_works.append(dist.isend(msg, comm.global_rank(piece.src), tag=_TAG_HALO_BWD))
             state.grad_sent.append(msg)
             comm.count("halo", "backward", _nbytes(msg))
-        return None, _token_grad(ctx, 1, dkl)
+        return None, token_grad(ctx, 1, dkl)
 
 
 def halo_exchange(comm: CPComm, plan: RankPlan, block: int, token, k, v):

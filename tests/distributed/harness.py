@@ -12,7 +12,30 @@ and joined), results through files under the test's tmp_path. `fn` must be impor
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 from parallel.local_ranks import RankError, RankFailure, RankTimeout, free_port
 from parallel.local_ranks import run_local_ranks as run_ranks
 
-__all__ = ["RankError", "RankFailure", "RankTimeout", "free_port", "run_ranks"]
+__all__ = ["RankError", "RankFailure", "RankTimeout", "free_port", "run_ranks", "run_session"]
+
+
+def run_session(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `cmd` (e.g. a torchrun launch) run in its own session;
+    afterwards, and on a timeout, the whole session is killed (torchrun's workers too, so no
+    rank outlives the test)."""
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode, stdout, stderr

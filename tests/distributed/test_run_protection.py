@@ -12,8 +12,6 @@ launches `torchrun -m train` with a short parallel.timeout_minutes and one rank 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +19,8 @@ import pytest
 import torch
 
 from parallel.local_ranks import free_port
-from tests.distributed.harness import run_ranks
+from tests.distributed.harness import run_ranks, run_session
+from tests.nested import same_nested
 from tests.unit.test_train import TINY
 
 NAN_STEP = 2  # 1-based step whose loss the engine poisons (HALOTRON_TEST_NAN_AT_STEPS)
@@ -42,16 +41,6 @@ def _clone(value):
     if isinstance(value, list | tuple):
         return [_clone(v) for v in value]
     return value
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def _pp2_nan_step(rank: int, world: int) -> dict:
@@ -77,9 +66,9 @@ def _pp2_nan_step(rank: int, world: int) -> dict:
     return {
         "skipped": [s.skipped for s in stats],
         "losses": [s.loss for s in stats],
-        "unchanged": _same(before["params"], skipped["params"]),
-        "optim_unchanged": _same(before["optim"], skipped["optim"]),
-        "changed_after": not _same(skipped["params"], after["params"]),
+        "unchanged": same_nested(before["params"], skipped["params"]),
+        "optim_unchanged": same_nested(before["optim"], skipped["optim"]),
+        "changed_after": not same_nested(skipped["params"], after["params"]),
         "finite_after": all(torch.isfinite(t).all().item() for t in after["params"].values()),
         "is_last_stage": groups.is_last_stage,
     }
@@ -165,20 +154,9 @@ def test_a_hung_peer_fails_with_the_name_of_the_group(tiny_prepared_data, tmp_pa
         *TINY, f"data.path={tiny_prepared_data}", f"train.run_dir={tmp_path / 'run'}",
         "parallel.cp=2", "train.steps=3", "parallel.timeout_minutes=0.05",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    code, stdout, stderr = run_session(cmd, _env(tmp_path), timeout=150)
     out = stdout + stderr
-    assert proc.returncode != 0, out[-3000:]
+    assert code != 0, out[-3000:]
     assert "rank 0: a collective on the cp group (CONTEXT_PARALLEL_GROUP, global ranks [0, 1])" in (
         out
     ), out[-6000:]
@@ -213,7 +191,7 @@ def _deepspeed_nan_step(rank: int, world: int, stages: list[int]) -> list[dict]:
         out.append(
             {
                 "skipped": [s.skipped for s in stats],
-                "unchanged": _same(params[0], params[1]),
+                "unchanged": same_nested(params[0], params[1]),
                 "finite_after": all(torch.isfinite(t).all().item() for t in params[2].values()),
                 "deepspeed_skipped": engine.ds.skipped_steps,
             }

@@ -10,7 +10,6 @@ checkpoint to the same losses as the one-process run.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from parallel.local_ranks import free_port
+from tests.distributed.harness import run_session
 from tests.unit.test_train import TINY
 
 STEPS = 6
@@ -36,21 +36,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], tmp_path: Path, timeout: int) -> str:
-    """Run `cmd` in its own session; on a timeout kill the whole session (torchrun's workers
-    too, so no rank outlives the test)."""
-    proc = subprocess.Popen(
-        cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    """The output of `cmd`, which must succeed (harness.run_session: no rank outlives it)."""
+    code, stdout, stderr = run_session(cmd, _env(tmp_path), timeout)
+    assert code == 0, stdout[-3000:] + stderr[-6000:]
     return stdout + stderr
 
 

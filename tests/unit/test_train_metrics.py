@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.nested import same_nested
 from tests.unit import test_train
 from tests.unit.test_train import TINY, _cfg, _wandb_file
 from tests.unit.wandb_history import wandb_history
@@ -35,17 +36,6 @@ STEP_KEYS = {
 
 def _state(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=False)
-
-
-def _same_tensors(a, b) -> bool:
-    """Equal nested dicts / lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same_tensors(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def test_step_metrics_and_pattern_picture_in_the_wandb_run(data_dir, tmp_path, wandb_env):
@@ -99,13 +89,13 @@ def test_a_nan_step_is_skipped_and_training_continues(data_dir, tmp_path, wandb_
     assert math.isfinite(result.losses[2])
     one, two, three = (_state(run_dir, s) for s in (1, 2, 3))
     # The skipped step changed neither the parameters nor the AdamW state (moments, step count).
-    assert _same_tensors(one["engine"]["model"], two["engine"]["model"])
-    assert _same_tensors(one["engine"]["optimizer"]["state"], two["engine"]["optimizer"]["state"])
+    assert same_nested(one["engine"]["model"], two["engine"]["model"])
+    assert same_nested(one["engine"]["optimizer"]["state"], two["engine"]["optimizer"]["state"])
     # The schedule follows the step number: step 3 uses step 3's learning rate.
     assert two["engine"]["scheduler"]["last_epoch"] == 2
     # The next step trains again, from finite parameters.
     after = three["engine"]["model"]
-    assert not _same_tensors(two["engine"]["model"], after)
+    assert not same_nested(two["engine"]["model"], after)
     assert all(torch.isfinite(t).all() for t in after.values())
     assert three["skipped_steps"] == 1
     history = wandb_history(_wandb_file(run_dir), last_step=3)
@@ -129,4 +119,4 @@ def test_consecutive_nan_steps_stop_the_run_after_a_checkpoint(
     assert steps == [1, 2, 3, 4]
     last = _state(run_dir, 4)
     assert last["skipped_steps"] == 3 and len(last["losses"]) == 4
-    assert _same_tensors(_state(run_dir, 1)["engine"]["model"], last["engine"]["model"])
+    assert same_nested(_state(run_dir, 1)["engine"]["model"], last["engine"]["model"])
