@@ -51,6 +51,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from torch import nn
 
 from model.parallel_transformer import ParallelTransformer, parallel_lm_loss
@@ -97,6 +98,10 @@ class MegatronEngine:
     ) -> None:
         apply_cpu_shims()
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # Megatron-LM's seeding: the tracker's model-parallel state differs per tp rank
+            # (dropout inside tp regions); checkpoints save it (train.run_setup.rng_state).
+            model_parallel_cuda_manual_seed(seed)
         self.layout = layout
         self.groups = groups
         self.optim_args = optim

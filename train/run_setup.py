@@ -4,7 +4,8 @@
     mode = resume_mode(resume)             # one of RESUME_MODES ("auto" after a torchrun restart)
     manifest = check_data(cfg)             # the prepared data's manifest, checked against the model
     seed_everything(cfg.train.seed)
-    state = rng_state(); set_rng_state(state)   # python, numpy, torch and CUDA RNGs (checkpoints)
+    state = rng_state(); set_rng_state(state)   # python, numpy, torch, CUDA and megatron-core's
+                                                # model-parallel tracker RNGs (checkpoints)
 
 Used by train.loop (and `python -m train` for RESUME_MODES).
 """
@@ -49,15 +50,41 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _megatron_rng_tracker()
+    if tracker is not None and tracker.get_states():
+        # name -> generator state of megatron-core's model-parallel tracker (seeded by the
+        # Megatron engine on CUDA: model_parallel_cuda_manual_seed); cloned, since a later
+        # fork() replaces the entries in place of copying them.
+        state["megatron_tracker"] = {k: v.clone() for k, v in tracker.get_states().items()}
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], tracker: bool = True) -> None:
+    """Restores `state` (of rng_state); `tracker=False` leaves megatron-core's tracker as the
+    engine seeded it (its model-parallel state belongs to one tp rank of one layout)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if tracker and "megatron_tracker" in state:
+        megatron_tracker = _megatron_rng_tracker()
+        if megatron_tracker is None:
+            raise RuntimeError(
+                "the checkpoint holds megatron-core's model-parallel RNG tracker states but "
+                "megatron-core is not importable here; install it (pip install -e '.[dev]')"
+            )
+        megatron_tracker.reset()
+        megatron_tracker.set_states({k: v.clone() for k, v in state["megatron_tracker"].items()})
+
+
+def _megatron_rng_tracker() -> Any:
+    """megatron-core's CUDA RNG tracker, or None where megatron-core is not installed."""
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    except ImportError:
+        return None
+    return get_cuda_rng_tracker()
 
 
 @dataclass

@@ -282,3 +282,54 @@ def test_disk_full_names_the_file_and_keeps_the_previous(tmp_path, monkeypatch):
         manager.save(2, {"w": torch.ones(1)}, {"model": {}})
     monkeypatch.undo()
     assert manager.complete_steps() == [1] and manager.load_latest()["step"] == 1
+
+
+@pytest.fixture
+def megatron_tracker():
+    """megatron-core's model-parallel RNG tracker holding generator states (CPU generator
+    states: on CPU nothing seeds it; the Megatron engine does on CUDA), reset afterwards."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.set_states(
+        {name: torch.Generator().manual_seed(seed).get_state() for name, seed in
+         (("model-parallel-rng", 2718), ("data-parallel-rng", 0))}
+    )  # fmt: skip
+    yield tracker
+    tracker.reset()
+
+
+def test_checkpoints_carry_megatrons_model_parallel_rng_tracker(
+    data_dir, tmp_path, wandb_env, megatron_tracker
+):
+    saved = {k: v.clone() for k, v in megatron_tracker.get_states().items()}
+    run_dir = tmp_path / "run"
+    train(_cfg(data_dir, run_dir, "checkpoint.every=2", "train.steps=2"))
+    state = CheckpointManager(CheckpointArgs(), run_dir).load_latest()
+    assert set(state["rng"]["megatron_tracker"]) == set(saved)
+    for name, value in saved.items():
+        assert torch.equal(state["rng"]["megatron_tracker"][name], value), name
+
+    # Another process's tracker (other states) resumes to the saved ones.
+    megatron_tracker.reset()
+    megatron_tracker.set_states({"model-parallel-rng": torch.Generator().get_state()})
+    train(_cfg(data_dir, run_dir, "checkpoint.every=2", "train.steps=3"), resume=True)
+    restored = megatron_tracker.get_states()
+    assert set(restored) == set(saved)
+    for name, value in saved.items():
+        assert torch.equal(restored[name], value), name
+
+    # Saved by another rank or layout (per tp rank): the run keeps its own tracker seeding.
+    manager = CheckpointManager(CheckpointArgs(), run_dir)
+    state_file = manager.path_of(3) / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["rng_place"] == "rank 0 of 1, None"
+    state["rng_place"] = "rank 1 of 4, Layout(tp=2, pp=1, cp=1, dp=2, sequence_parallel=False)"
+    torch.save(state, state_file)
+    own = {"model-parallel-rng": torch.Generator().manual_seed(1).get_state()}
+    megatron_tracker.set_states(dict(own))
+    train(_cfg(data_dir, run_dir, "checkpoint.every=2", "train.steps=4"), resume=True)
+    assert torch.equal(
+        megatron_tracker.get_states()["model-parallel-rng"], own["model-parallel-rng"]
+    )
