@@ -170,7 +170,9 @@ def test_evaluate_logs_into_the_runs_wandb_run(trained_run, tmp_path):
     args += ["--contexts", "256"]
     assert main(args) == 0
     files = sorted(trained_run.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
-    assert len(files) == 2  # the training run's, then the evaluation's (same id, resumed)
+    # the training run's, then the evaluation's (same id, resumed); on failure, say what is there
+    listing = sorted(str(p.relative_to(trained_run)) for p in trained_run.glob("wandb/**/*"))
+    assert len(files) == 2, listing
     assert any(b"eval/passkey_accuracy" in f.read_bytes() for f in files)
 
 
