@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 def _moving_average(values: Sequence[float], width: int) -> list[float]:
     """Mean of the last `width` finite values at each index (NaN where there is none): a
     skipped step's NaN loss leaves a gap instead of poisoning the rest of the curve."""
-    out = []
-    for i in range(len(values)):
-        window = [v for v in values[max(0, i - width + 1) : i + 1] if math.isfinite(v)]
-        out.append(sum(window) / len(window) if window else math.nan)
+    out, total, count = [], 0.0, 0
+    for i, v in enumerate(values):  # running sums: one pass however wide the window
+        if math.isfinite(v):
+            total, count = total + v, count + 1
+        if i >= width and math.isfinite(values[i - width]):
+            total, count = total - values[i - width], count - 1
+        if not count:
+            total = 0.0  # no rounding residue carried across a gap
+        out.append(total / count if count else math.nan)
     return out
 
 
