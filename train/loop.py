@@ -220,10 +220,7 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
         if isinstance(engine, ExternalCheckpoint):
             engine.load_checkpoint(engine_dir, state["engine_tag"])
         stream.load_state_dict(ckpt.data_state_for(state, stream.state_dict()["order"]))
-        same_place = state.get("rng_place") == rng_place
-        if not same_place and "megatron_tracker" in state["rng"]:
-            log.info("another layout: megatron's RNG tracker keeps this run's seeding")
-        set_rng_state(state["rng"], tracker=same_place)
+        set_rng_state(state["rng"], rng_place)
         resume_id = state["wandb_run_id"]
         result.start_step = result.steps = state["step"]
         result.losses = list(state["losses"])
@@ -270,8 +267,7 @@ def _train(cfg, mode, env, kind, layout, manifest, run_dir, config_dict, device,
             ),
             "engine_kind": kind,
             "data": stream.state_dict(),
-            "rng": rng_state(),
-            "rng_place": rng_place,
+            "rng": rng_state(rng_place),
             "wandb_run_id": metrics.run_id,
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],
             "losses": result.losses,

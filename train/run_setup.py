@@ -4,14 +4,15 @@
     mode = resume_mode(resume)             # one of RESUME_MODES ("auto" after a torchrun restart)
     manifest = check_data(cfg)             # the prepared data's manifest, checked against the model
     seed_everything(cfg.train.seed)
-    state = rng_state(); set_rng_state(state)   # python, numpy, torch, CUDA and megatron-core's
-                                                # model-parallel tracker RNGs (checkpoints)
+    state = rng_state(place)               # python, numpy, torch, CUDA and megatron-core's
+    set_rng_state(state, place)            # tracker RNGs; the tracker only at the same place
 
 Used by train.loop (and `python -m train` for RESUME_MODES).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ __all__ = [
     "seed_everything", "set_rng_state",
 ]  # fmt: skip
 
+log = logging.getLogger(__name__)
+
 RESUME_MODES = ("no", "yes", "auto")
 """no: refuse a run directory that holds checkpoints; yes: continue from the newest one (warn
 when there is none); auto: continue when there is one, else start (what torchrun restarts use).
@@ -42,8 +45,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state() -> dict[str, Any]:
-    state = {
+def rng_state(place: str | None = None) -> dict[str, Any]:
+    """This process's RNG states; `place` names where they belong (rank, world, layout)."""
+    state: dict[str, Any] = {
+        "place": place,
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
@@ -59,15 +64,18 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any], tracker: bool = True) -> None:
-    """Restores `state` (of rng_state); `tracker=False` leaves megatron-core's tracker as the
-    engine seeded it (its model-parallel state belongs to one tp rank of one layout)."""
+def set_rng_state(state: dict[str, Any], place: str | None = None) -> None:
+    """Restores `state` (of rng_state). megatron-core's tracker only at the `place` that saved
+    it: its model-parallel state belongs to one tp rank of one layout, so elsewhere the tracker
+    keeps the engine's seeding."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if tracker and "megatron_tracker" in state:
+    if "megatron_tracker" in state and state.get("place") != place:
+        log.info("another layout: megatron's RNG tracker keeps this run's seeding")
+    elif "megatron_tracker" in state:
         megatron_tracker = _megatron_rng_tracker()
         if megatron_tracker is None:
             raise RuntimeError(

@@ -324,8 +324,8 @@ def test_checkpoints_carry_megatrons_model_parallel_rng_tracker(
     manager = CheckpointManager(CheckpointArgs(), run_dir)
     state_file = manager.path_of(3) / "state.pt"
     state = torch.load(state_file, weights_only=False)
-    assert state["rng_place"] == "rank 0 of 1, None"
-    state["rng_place"] = "rank 1 of 4, Layout(tp=2, pp=1, cp=1, dp=2, sequence_parallel=False)"
+    assert state["rng"]["place"] == "rank 0 of 1, None"
+    state["rng"]["place"] = "rank 1 of 4, Layout(tp=2, pp=1, cp=1, dp=2, sequence_parallel=False)"
     torch.save(state, state_file)
     own = {"model-parallel-rng": torch.Generator().manual_seed(1).get_state()}
     megatron_tracker.set_states(dict(own))
