@@ -5,30 +5,16 @@ pytest tests/unit/test_bench_attention.py
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from benchmarks.attention import IMPLS, QUICK_SEQ_LENS, SPEEDUPS, TARGETS
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import run_quick
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("bench") / "a.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.attention", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=240,
-        capture_output=True,
-    )
-    return json.loads(out.read_text())
+    return run_quick("attention", tmp_path_factory.mktemp("bench") / "a.json", timeout=240)
 
 
 def test_every_impl_measured_at_every_n(report):

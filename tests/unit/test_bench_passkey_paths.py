@@ -5,29 +5,16 @@ python -m pytest -q tests/unit/test_bench_passkey_paths.py
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from benchmarks.passkey_paths import BUCKETS, PasskeyTask, verdict
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import run_quick
 
 
 def test_quick_benchmark_writes_its_report(tmp_path):
-    out = tmp_path / "passkey_paths.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.passkey_paths", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-    report = json.loads(out.read_text())
+    report = run_quick("passkey_paths", tmp_path / "passkey_paths.json", timeout=120)
     assert report["settings"]["quick"] is True
     pairs = report["budget"]["attention_pairs"]
     assert set(pairs) == set(report["patterns"]) == {"window", "bigbird"}

@@ -5,24 +5,11 @@ Run:  pytest tests/unit/test_data_bench.py -q
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import run_quick
 
 
 def test_quick_data_benchmark_writes_its_report(tmp_path):
-    out = tmp_path / "data.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.data", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=180,
-        capture_output=True,
-    )
-    report = json.loads(out.read_text())
+    report = run_quick("data", tmp_path / "data.json", timeout=180)
     prep = report["prepare"]
     assert set(prep) == {"end_to_end", "encode_workers1", "encode_workers2"}
     assert prep["end_to_end"]["docs"] == report["settings"]["max_docs"] == 40
