@@ -9,16 +9,15 @@ Two causal models of the same size, seed, data and number of steps differ only i
 Each query block attends to 6 key blocks in both, and `train.flops.attention_pairs` (the
 pattern's exact pair count, the MFU budget) is the same to the pair. Defaults: block 16,
 256 tokens (16 blocks), 2 layers of width 64, so the window-only receptive field is 10 blocks
-and about a third of the keys lie beyond it; about 7 min on 2 idle CPU cores.
+and about a third of the keys lie beyond it; about 8 min on 2 idle CPU cores.
 
 Task (synthetic, integer tokens): a cyclic filler, a MARKER followed by a `key_len`-token
 key planted at a uniformly random position, and at the end QUERY then the key again; the loss is
 the cross entropy of the key tokens at the answer positions only (teacher forced). Key token i
 comes from its own vocabulary of `key_values` ids, so chance is 1/key_values per token and
 1/key_values**key_len for the whole key. Training plants half of the keys (`--near-fraction`)
-in the last 2 blocks before QUERY, which both patterns see directly (a curriculum: retrieval is
-learnt faster where the signal is dense; `--near-fraction 0` trains on uniform keys only);
-evaluation plants every key uniformly.
+in the last 2 blocks before QUERY, which both patterns see directly (a curriculum;
+`--near-fraction 0` trains on uniform keys only); evaluation plants every key uniformly.
 
 A window-only model with L layers sees from the last block back L * (window_blocks - 1) blocks
 (its receptive field: `window_reach_blocks`); a key before that is invisible to it, so its
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from model.sparse import SparsityConfig, sparse_attention
 from model.transformer import ModelArgs, Transformer
 from train.config import load_config
+from train.engine import OptimArgs, ScheduleArgs, lr_at
 from train.flops import attention_pairs
 
 RESULTS = Path(__file__).parent / "results" / "passkey_paths.json"
@@ -97,7 +97,7 @@ class PasskeyTask:
         """tokens [size, seq_len], keys [size, key_len] (the answers as token ids) and
         key_start [size] (position of the key's first token). The key is planted uniformly,
         except in a `near_fraction` of the rows, where its marker lies in the last `near_tokens`
-        tokens before QUERY (a curriculum: retrieval is first learnt where it is easy)."""
+        tokens before QUERY."""
         n, k, q = self.seq_len, self.key_len, self.answer_start
         phase = torch.randint(0, self.filler_values, (size, 1), generator=gen)
         tokens = (phase + torch.arange(n)) % self.filler_values
@@ -157,18 +157,18 @@ def train(
     near_fraction: float = 0.0,
     near_tokens: int = 0,
 ) -> tuple[Transformer, list[dict[str, float]], float]:
-    """AdamW with linear warmup and cosine decay on the answer loss; the same batches for every
+    """AdamW on the answer loss with the trainer's schedule (`train.engine.lr_at`: linear warmup
+    over a tenth of the steps, then cosine decay to lr / 10); the same batches for every
     pattern (one generator per run, seeded alike; `near_*`: PasskeyTask.batch). Returns the
     model, the loss curve (mean over each `log_every` steps) and the seconds spent."""
     model = Transformer(model_args, cfg, attention_fn=sparse_attention, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, steps // 10)
+    optim = OptimArgs(lr=lr, weight_decay=0.0)
+    schedule = ScheduleArgs(warmup_steps=max(1, steps // 10), min_lr=lr / 10)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        ),
+        opt, lambda s: lr_at(s, optim, schedule, steps) / optim.lr
     )
     gen = torch.Generator().manual_seed(seed)
     q = task.answer_start
