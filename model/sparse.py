@@ -31,9 +31,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from model.sparse_kernel import block_sparse_attention, global_query_attention, make_plan
 from model.sparse_plan import build_block_table, gather_global_positions
+from model.sparse_random import draw_rows, pool_blocks
 
 __all__ = ["SparsityConfig", "sparse_attention", "dense_attention", "reference_attention"]
 
@@ -75,6 +77,13 @@ class SparsityConfig:
     """ETC: extra global tokens the model prepends; they occupy positions [0, etc_tokens)."""
     random_per_head: bool = False
     """Draw random blocks per head instead of once per layer."""
+    random_pool_blocks: int = 0
+    """0: random blocks are drawn from the whole sequence (BigBird); under context parallelism
+    a rank then fetches about random_blocks remote blocks per local query block, traffic
+    O(N/P). p > 0: each (step, layer[, head]) draws a pool of p blocks (one per 1/p of the
+    sequence), the same on every rank, and every query block draws its random blocks from the
+    pool; the pool's keys/values travel like the global rows, traffic flat in N. Choose p a
+    multiple of the cp degree so every rank sends the same amount."""
     seed: int = 0
     """Seed of the random-block draw, combined with step and layer (and head)."""
     _dilations: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -84,7 +93,7 @@ class SparsityConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"attention.{name}={value!r} must be a positive integer")
-        for name in ("global_blocks", "random_blocks", "etc_tokens", "seed"):
+        for name in ("global_blocks", "random_blocks", "random_pool_blocks", "etc_tokens", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"attention.{name}={value!r} must be a non-negative integer")
@@ -145,96 +154,98 @@ class SparsityConfig:
         b, d = self.block_size, self.max_dilation
         return self.left_blocks * d * b, self.right_blocks * d * b
 
+    def n_blocks(self, seq_len: int) -> int:
+        """Blocks of a `seq_len`-token sequence; the last one may be partial."""
+        return -(-seq_len // self.block_size)
+
     def global_block_ids(self, n_blocks: int) -> list[int]:
+        """The ITC global blocks of an `n_blocks`-block sequence (fewer when it is shorter)."""
         if self.causal:
-            return list(range(self.global_blocks))
-        first = (self.global_blocks + 1) // 2
-        last = self.global_blocks // 2
+            return list(range(min(self.global_blocks, n_blocks)))
+        first = min((self.global_blocks + 1) // 2, n_blocks)
+        last = min(self.global_blocks // 2, n_blocks - first)
         return list(range(first)) + list(range(n_blocks - last, n_blocks))
 
     def global_positions(self, seq_len: int) -> torch.Tensor:
-        """Sorted token positions that are global for every sample (ITC blocks, tokens, ETC)."""
+        """Sorted token positions that are global for every sample (ITC blocks, tokens, ETC);
+        positions past the end of a short sequence are not part of it."""
         b = self.block_size
         flags = torch.zeros(seq_len, dtype=torch.bool)
-        for block in self.global_block_ids(seq_len // b):
+        for block in self.global_block_ids(self.n_blocks(seq_len)):
             flags[block * b : (block + 1) * b] = True
         if self.global_tokens:
-            flags[list(self.global_tokens)] = True
+            flags[[t for t in self.global_tokens if t < seq_len]] = True
         flags[: self.etc_tokens] = True
         return flags.nonzero().flatten()
 
     def validate_seq_len(self, seq_len: int) -> None:
-        """Raise a ValueError naming the setting that makes `seq_len` impossible."""
-        b = self.block_size
-        if seq_len <= 0 or seq_len % b:
-            raise ValueError(
-                f"sequence length {seq_len} must be a positive multiple of attention.block_size={b}"
-            )
-        n_blocks = seq_len // b
-        span = (self.left_blocks + self.right_blocks) * self.max_dilation + 1
-        if span > n_blocks:
-            raise ValueError(
-                f"attention.window_blocks={self.window_blocks} with dilation "
-                f"{self.max_dilation} spans {span} blocks, wider than the sequence of "
-                f"{n_blocks} blocks ({seq_len} tokens / block_size {b})"
-            )
-        if self.global_blocks > n_blocks:
-            raise ValueError(
-                f"attention.global_blocks={self.global_blocks} exceeds the {n_blocks} blocks "
-                f"of a {seq_len}-token sequence"
-            )
-        if self.global_tokens and self.global_tokens[-1] >= seq_len:
-            raise ValueError(
-                f"attention.global_tokens holds position {self.global_tokens[-1]}, outside a "
-                f"sequence of {seq_len} tokens"
-            )
-        if self.etc_tokens > seq_len:
-            raise ValueError(
-                f"attention.etc_tokens={self.etc_tokens} exceeds the sequence length {seq_len}"
-            )
+        """Raise a ValueError when `seq_len` is not a sequence length. Any positive length
+        works: the last block may be partial, and a window, a global set or an explicit global
+        position that does not fit a short sequence is clipped to it (as HF BigBird and
+        Longformer accept any length)."""
+        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
+            raise ValueError(f"sequence length {seq_len!r} must be a positive integer")
 
-    # ---- the random draw --------------------------------------------------------------------
+    # ---- the random draw (model/sparse_random.py) -------------------------------------------
 
-    def draw_seed(self, step: int, layer: int, head: int) -> int:
-        key = f"halotron-random-blocks:{self.seed}:{step}:{layer}:{head}".encode()
+    def draw_seed(self, step: int, layer: int, head: int, what: str = "random-blocks") -> int:
+        key = f"halotron-{what}:{self.seed}:{step}:{layer}:{head}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
-    def random_table(self, seq_len: int, n_heads: int, layer: int = 0, step: int = 0):
-        """Random key blocks per query block: long [1 or heads, n_blocks, random_blocks],
-        -1 where fewer candidates exist. Identical on every rank for the same arguments."""
-        n_blocks = seq_len // self.block_size
+    def draw_heads(self, n_heads: int) -> list[tuple[int, int]]:
+        """(head, dilation) of each independent draw: one per head with `random_per_head`,
+        else one for the layer (head 0) with the widest dilation."""
         dilations = self.head_dilations(n_heads)
-        draws = range(n_heads) if self.random_per_head else [None]
+        if self.random_per_head:
+            return list(enumerate(dilations))
+        return [(0, max(dilations))]
+
+    def random_candidates(self, n_blocks: int) -> torch.Tensor:
+        """Sorted long: the blocks a random draw may pick (every block but the ITC globals)."""
+        keep = torch.ones(n_blocks, dtype=torch.bool)
+        keep[self.global_block_ids(n_blocks)] = False
+        return keep.nonzero().flatten()
+
+    def random_pool(self, n_blocks: int, layer: int = 0, step: int = 0, head: int = 0):
+        """Sorted long [<= random_pool_blocks]: the pool the rows of (layer, step, head) draw
+        from, the same on every rank; all candidates when random_pool_blocks is 0."""
+        candidates = self.random_candidates(n_blocks)
+        if self.random_pool_blocks == 0:
+            return candidates
+        key = self.draw_seed(step, layer, head, "random-pool")
+        return pool_blocks(key, candidates, n_blocks, self.random_pool_blocks)
+
+    def random_rows(
+        self, rows: torch.Tensor, n_blocks: int, n_heads: int, layer: int = 0, step: int = 0
+    ) -> torch.Tensor:
+        """Random key blocks of the query blocks `rows` [nq]: long [1 or heads, nq, r], -1 where
+        fewer candidates exist and on global query blocks. O(nq x r + pool): a rank draws
+        only the rows it asks for, identically on every rank."""
+        rows = rows.to(torch.long)
+        r = self.random_blocks
         tables = []
-        for head in draws:
-            reach = dilations[head] if head is not None else max(dilations)
-            tables.append(self._draw(n_blocks, reach, self.draw_seed(step, layer, head or 0)))
+        for head, dilation in self.draw_heads(n_heads):
+            if r == 0:
+                tables.append(torch.empty(rows.numel(), 0, dtype=torch.long))
+                continue
+            lo = rows - self.left_blocks * dilation
+            hi = (
+                torch.full_like(rows, n_blocks)
+                if self.causal
+                else rows + self.right_blocks * dilation
+            )
+            pool = self.random_pool(n_blocks, layer, step, head)
+            picks = draw_rows(self.draw_seed(step, layer, head), rows, pool, lo, hi, r)
+            is_global = torch.zeros(n_blocks, dtype=torch.bool)
+            is_global[self.global_block_ids(n_blocks)] = True
+            tables.append(picks.masked_fill(is_global[rows].view(-1, 1), -1))
         return torch.stack(tables)
 
-    def _draw(self, n_blocks: int, dilation: int, seed: int) -> torch.Tensor:
-        r = self.random_blocks
-        if r == 0:
-            return torch.empty(n_blocks, 0, dtype=torch.long)
-        gen = torch.Generator().manual_seed(seed)
-        scores = torch.rand(n_blocks, n_blocks, generator=gen)
-        rows = torch.arange(n_blocks).unsqueeze(1)
-        cols = torch.arange(n_blocks).unsqueeze(0)
-        offset = cols - rows
-        excluded = (offset >= -self.left_blocks * dilation) & (
-            offset <= self.right_blocks * dilation
-        )
-        if self.causal:
-            excluded |= offset > 0
-        global_blocks = self.global_block_ids(n_blocks)
-        excluded[:, global_blocks] = True
-        scores = scores.masked_fill(excluded, math.inf)
-        picked_scores, picked = scores.topk(min(r, n_blocks), dim=1, largest=False)
-        picked = picked.masked_fill(picked_scores.isinf(), -1)
-        picked[global_blocks] = -1  # global query blocks already see every key
-        if picked.shape[1] < r:
-            pad = torch.full((n_blocks, r - picked.shape[1]), -1, dtype=torch.long)
-            picked = torch.cat([picked, pad], dim=1)
-        return picked
+    def random_table(self, seq_len: int, n_heads: int, layer: int = 0, step: int = 0):
+        """Random key blocks of every query block: long [1 or heads, n_blocks, random_blocks],
+        -1 where fewer candidates exist. Identical on every rank for the same arguments."""
+        n_blocks = self.n_blocks(seq_len)
+        return self.random_rows(torch.arange(n_blocks), n_blocks, n_heads, layer, step)
 
     # ---- the oracle -------------------------------------------------------------------------
 
@@ -267,12 +278,14 @@ class SparsityConfig:
                 block_offset <= self.right_blocks * d
             )
             window &= (j - i) % d == 0
-            rand_blocks = torch.zeros(seq_len // b, seq_len // b, dtype=torch.bool)
+            nb = self.n_blocks(seq_len)
+            rand_blocks = torch.zeros(nb, nb, dtype=torch.bool)
             rows = table[h if self.random_per_head else 0]
             for r in range(rows.shape[1]):
                 ok = rows[:, r] >= 0
                 rand_blocks[ok.nonzero().flatten(), rows[ok, r]] = True
             rand = rand_blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)
+            rand = rand[:seq_len, :seq_len]
             masks.append(window | rand)
         mask = torch.stack(masks)  # [heads, seq, seq]
         glob = torch.zeros(seq_len, dtype=torch.bool)
@@ -348,7 +361,8 @@ def sparse_attention(
     global_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exact block-sparse attention on one device; memory and time linear in seq.
+    """Exact block-sparse attention on one device; memory and time linear in seq. Any length:
+    a partial last block is padded inside and its pad keys masked.
 
     q, k, v: [batch, heads, seq, head_dim]. padding_mask: [batch, seq] bool, True = padded
     key (never attended). global_mask: [batch, seq] bool, True = global token of that sample.
@@ -359,6 +373,18 @@ def sparse_attention(
     _check_inputs(q, k, v, padding_mask, global_mask)
     batch, n_heads, seq_len, _ = q.shape
     cfg.validate_seq_len(seq_len)
+    padded_len = cfg.n_blocks(seq_len) * cfg.block_size
+    if padded_len != seq_len:
+        # The last block is partial: pad it with keys nobody may attend, drop the pad queries.
+        pad = padded_len - seq_len
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        if padding_mask is None:
+            padding_mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=q.device)
+        padding_mask = F.pad(padding_mask.bool(), (0, pad), value=True)
+        if global_mask is not None:
+            global_mask = F.pad(global_mask.bool(), (0, pad), value=False)
+        out = sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask, backend)
+        return out[:, :, :seq_len]
     if backend == "flex" or (backend == "auto" and q.is_cuda):
         from model.sparse_flex import flex_sparse_attention
 

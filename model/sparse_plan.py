@@ -74,7 +74,7 @@ def build_block_table(
     win_valid = in_reach & (win_blocks >= 0) & (win_blocks < n_blocks)  # [Hx, nq, S]
     win_blocks = win_blocks.expand(heads, -1, -1)
 
-    rand = cfg.random_table(seq_len, n_heads, layer, step)[:, q_blocks]  # [1 or H, nq, r]
+    rand = cfg.random_rows(q_blocks, n_blocks, n_heads, layer, step)  # [1 or H, nq, r]
     rand = rand.expand(heads, -1, -1)
     rand_valid = rand >= 0
 

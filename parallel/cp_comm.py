@@ -156,10 +156,10 @@ class _RandomExchange(torch.autograd.Function):
             return t.view(batch, heads, nl, block, dim).index_select(2, send_idx)
 
         x = torch.stack([pick(k), pick(v)]).movedim(3, 0).contiguous()  # [m_send, S, B, H, b, D]
-        with comm.blocked("random", "forward"):
+        with comm.blocked(plan.random_kind, "forward"):
             y = _all_to_all(comm, x, plan.random_sources, send_splits)
         sent_elsewhere = sum(n for r, n in enumerate(send_splits) if r != comm.rank)
-        comm.count("random", "forward", sent_elsewhere * _nbytes(x[0]) if x.shape[0] else 0)
+        comm.count(plan.random_kind, "forward", sent_elsewhere * _nbytes(x[0]) if x.shape[0] else 0)
         ctx.comm, ctx.plan, ctx.send_splits = comm, plan, send_splits
         ctx.shape = (2, batch, heads, nl, block, dim)
         ctx.save_for_backward(send_idx)
@@ -173,10 +173,12 @@ class _RandomExchange(torch.autograd.Function):
         _, batch, heads, nl, block, dim = ctx.shape
         g = torch.stack([drk, drv]).view(2, batch, heads, -1, block, dim)
         g = g.movedim(3, 0).contiguous()  # [m_recv, S, B, H, b, D]
-        with comm.blocked("random", "backward"):
+        with comm.blocked(plan.random_kind, "backward"):
             back = _all_to_all(comm, g, ctx.send_splits, plan.random_sources)
         recv_elsewhere = sum(n for r, n in enumerate(plan.random_sources) if r != comm.rank)
-        comm.count("random", "backward", recv_elsewhere * _nbytes(g[0]) if g.shape[0] else 0)
+        comm.count(
+            plan.random_kind, "backward", recv_elsewhere * _nbytes(g[0]) if g.shape[0] else 0
+        )
         dkv = g.new_zeros(ctx.shape)
         dkv.index_add_(3, send_idx, back.movedim(0, 3))
         dkv = dkv.view(2, batch, heads, nl * block, dim)

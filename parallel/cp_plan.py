@@ -46,6 +46,8 @@ class RankPlan:
     """Blocks received from each rank (all-to-all output split sizes)."""
     random_sends: list[torch.Tensor]
     """For each rank: long local block ids (sorted) this rank sends it."""
+    random_kind: str
+    """Traffic kind of the random all-to-all: "pool" with random_pool_blocks, else "random"."""
     random_in_group: bool
     """Some rank of the group reads a remote random block (the same on every rank: decides
     whether the all-to-all runs at all)."""
@@ -110,12 +112,23 @@ def halo_pieces(cfg: SparsityConfig, n_blocks: int, world: int) -> list[HaloPiec
     return pieces
 
 
-def _random_needs(cfg, table, n_blocks, world, rank) -> torch.Tensor:
-    """Sorted unique remote random blocks the query blocks of `rank` read."""
+def _random_needs(cfg, n_blocks, world, rank, n_heads, layer, step) -> torch.Tensor:
+    """Sorted unique remote random blocks `rank` receives.
+
+    With a pool: every pool block outside the rank's reach (what its queries can draw), known
+    from the pool alone, O(pool). Without: the blocks its query rows actually drew, O(local
+    rows x r)."""
     nl = n_blocks // world
     (left_lo, _), (_, right_hi) = halo_range(cfg, n_blocks, world, rank)
-    rows = table[:, rank * nl : (rank + 1) * nl].flatten()
-    rows = rows[rows >= 0]
+    if cfg.random_blocks == 0:
+        return torch.empty(0, dtype=torch.long)
+    if cfg.random_pool_blocks:
+        heads = cfg.draw_heads(n_heads)
+        rows = torch.cat([cfg.random_pool(n_blocks, layer, step, h) for h, _ in heads])
+    else:
+        local = torch.arange(rank * nl, (rank + 1) * nl)
+        rows = cfg.random_rows(local, n_blocks, n_heads, layer, step).flatten()
+        rows = rows[rows >= 0]
     outside = (rows < left_lo) | (rows >= right_hi)
     return torch.unique(rows[outside])
 
@@ -134,8 +147,7 @@ def rank_plan(
     b = cfg.block_size
     n_blocks = seq_len // b
     nl = n_blocks // world
-    table = cfg.random_table(seq_len, n_heads, layer, step)  # [1 or H, nb, r]
-    needs = [_random_needs(cfg, table, n_blocks, world, r) for r in range(world)]
+    needs = [_random_needs(cfg, n_blocks, world, r, n_heads, layer, step) for r in range(world)]
     mine = needs[rank]
     sources = [int(((mine >= s * nl) & (mine < (s + 1) * nl)).sum()) for s in range(world)]
     sends = []
@@ -153,7 +165,7 @@ def rank_plan(
     win_lo = (local - cfg.left_blocks * d).clamp(min=0)
     win_hi = (local + cfg.right_blocks * d).clamp(max=n_blocks - 1)
     ok = (win_lo >= rank * nl) & (win_hi < (rank + 1) * nl)
-    rand = table[:, rank * nl : (rank + 1) * nl]  # [Hx, nl, r]
+    rand = cfg.random_rows(local, n_blocks, n_heads, layer, step)  # [Hx, nl, r]
     in_halo = ((rand >= l_lo) & (rand < l_hi)) | ((rand >= r_lo) & (rand < r_hi))
     ok &= ~in_halo.any(dim=2).any(dim=0)
     interior, boundary = local[ok], local[~ok]
@@ -185,6 +197,7 @@ def rank_plan(
         random_blocks=mine,
         random_sources=sources,
         random_sends=sends,
+        random_kind="pool" if cfg.random_pool_blocks else "random",
         random_in_group=any(n.numel() > 0 for n in needs),
         halo_recv=[p for p in pieces if p.dst == rank],
         halo_send=halo_send,

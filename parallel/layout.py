@@ -155,7 +155,7 @@ class Layout:
         if model.n_layers % self.pp:
             raise ValueError(f"parallel.pp={self.pp} must divide model.n_layers={model.n_layers}")
         block = attention.block_size
-        if seq_len % block or (seq_len // block) % self.cp:
+        if self.cp > 1 and (seq_len % block or (seq_len // block) % self.cp):
             raise ValueError(
                 f"parallel.cp={self.cp} * attention.block_size={block} = {self.cp * block} must "
                 f"divide train.seq_len={seq_len} (each cp rank holds whole blocks)"

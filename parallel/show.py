@@ -147,7 +147,7 @@ def forward_bytes(
     row = batch * n_heads * head_dim * bytes_per_value  # one token of one tensor
     halo = sum(2 * (p.hi - p.lo) * b * row for p in plan.halo_send)
     sent = sum(int(s.numel()) for dst, s in enumerate(plan.random_sends) if dst != rank)
-    random = 2 * sent * b * row if plan.random_in_group else 0
+    moved = 2 * sent * b * row if plan.random_in_group else 0
     n_glob = int(cfg.global_positions(seq_len).numel())
     glob = merge = 0
     if n_glob and world > 1:
@@ -155,7 +155,8 @@ def forward_bytes(
         # The row max (counted as 8 bytes a value) and the packed [u | l] partials.
         merge = all_reduce_bytes(batch * n_heads * n_glob * 8, world)
         merge += all_reduce_bytes(n_glob * (row + batch * n_heads * bytes_per_value), world)
-    out = {"halo": halo, "random": random, "global": glob, "global_merge": merge}
+    out = dict.fromkeys(KINDS, 0) | {"halo": halo, "global": glob, "global_merge": merge}
+    out[plan.random_kind] = moved
     assert set(out) == set(KINDS)
     return out
 
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     a = cfg.attention
     title = (
         f"{Path(args.config).name}: N={seq_len}, b={a.block_size}, window={a.window_blocks}, "
-        f"global={a.global_blocks}, random={a.random_blocks}, "
+        f"global={a.global_blocks}, random={a.random_blocks}"
+        f"{f' (pool {a.random_pool_blocks})' if a.random_pool_blocks else ''}, "
         f"{'causal' if a.causal else 'bidirectional'}; cp={args.cp}, layer {args.layer}, "
         f"head {args.head}"
     )

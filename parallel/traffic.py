@@ -8,7 +8,9 @@
     traffic.seconds_by_kind()                          # {"halo": s, ...} blocked in exchanges
     with traffic.paused(): ...                         # e.g. validation: not counted
 
-Kinds: "halo" (window reach, P2P), "random" (random key blocks, all-to-all), "global" (global
+Kinds: "halo" (window reach, P2P), "random" (random key blocks drawn from the whole sequence,
+all-to-all; O(N/P)), "pool" (the random-block pool of `attention.random_pool_blocks`, the same
+all-to-all; flat in N), "global" (global
 query/key/value rows, all-reduce), "global_merge" (partial outputs of the global queries,
 all-reduce).
 Point-to-point and all-to-all count the bytes of every message to another rank. Collectives
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-KINDS = ("halo", "random", "global", "global_merge")
+KINDS = ("halo", "random", "pool", "global", "global_merge")
 DIRECTIONS = ("forward", "backward")
 
 

@@ -20,7 +20,7 @@ rank 0 logs them):
   time/other_s (the rest: logging, the stop agreement) add up to it.
 - mem/peak_gib: peak memory over the window: CUDA max_memory_allocated, else the process's
   peak resident set (train.memory.PeakMemory).
-- comm/{halo,global,random}_bytes and comm/{halo,global,random}_s: bytes this rank sent and
+- comm/{halo,global,random,pool}_bytes and comm/{halo,global,random,pool}_s: bytes this rank sent and
   seconds it was blocked in the context-parallel exchanges, forward and backward, all layers
   (parallel.traffic; global includes the merge of the global queries' partials); only with cp>1.
 """
@@ -43,7 +43,12 @@ __all__ = ["StepMeter", "TIME_PARTS", "COMM_KINDS", "render_run_pattern"]
 
 TIME_PARTS = ("data_s", "fwd_bwd_s", "optimizer_s", "checkpoint_s")
 """The parts of time/step_s that are measured (time/other_s is the rest)."""
-COMM_KINDS = {"halo": ("halo",), "global": ("global", "global_merge"), "random": ("random",)}
+COMM_KINDS = {
+    "halo": ("halo",),
+    "global": ("global", "global_merge"),
+    "random": ("random",),
+    "pool": ("pool",),
+}
 """Logged traffic kinds and the parallel.traffic kinds each sums."""
 
 GIB = 1024**3
@@ -144,7 +149,8 @@ def render_run_pattern(
     a = attn_cfg
     title = (
         f"N={seq_len}, b={a.block_size}, window={a.window_blocks}, global={a.global_blocks}, "
-        f"random={a.random_blocks}; cp={cp}, layer 0, head 0"
+        f"random={a.random_blocks}"
+        f"{f' (pool {a.random_pool_blocks})' if a.random_pool_blocks else ''}; cp={cp}, layer 0, head 0"
     )
     return render_pattern(
         attn_cfg, seq_len, cp, model_args.n_heads, model_args.head_dim, out,

@@ -29,6 +29,23 @@ PATTERNS: dict[str, tuple[dict, bool, bool]] = {
         False,
         False,
     ),
+    "bigbird-pool": (
+        dict(window_blocks=3, global_blocks=2, random_blocks=2, random_pool_blocks=8),
+        False,
+        False,
+    ),
+    "pool-per-head-dilated": (
+        dict(
+            window_blocks=3,
+            global_blocks=1,
+            random_blocks=3,
+            random_pool_blocks=4,
+            random_per_head=True,
+            dilation=(1, 2, 1),
+        ),
+        True,
+        True,
+    ),
     "random-per-head": (
         dict(window_blocks=3, global_blocks=1, random_blocks=2, random_per_head=True),
         False,

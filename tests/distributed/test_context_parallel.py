@@ -42,6 +42,20 @@ def test_every_pattern_matches_dense_reference(world, tmp_path):
     assert not _failures(per_rank), "\n".join(_failures(per_rank))
 
 
+@pytest.mark.timeout(240)
+def test_pooled_random_blocks_on_eight_ranks(tmp_path):
+    """random_pool_blocks at P=8 (2 blocks per rank: every window reach is multi-hop)."""
+    cases = [
+        c
+        for c in cp_cases.all_cases()
+        if c["name"].split("/")[0] in ("bigbird-pool", "pool-per-head-dilated", "bigbird")
+    ]
+    assert len(cases) == 6
+    per_rank = run_ranks(cp_cases.exactness, 8, tmp_path, args=(cases, ["float64"]), timeout=200)
+    assert len(per_rank) == 8
+    assert not _failures(per_rank), "\n".join(_failures(per_rank))
+
+
 @pytest.mark.timeout(120)
 def test_without_overlap_same_result(tmp_path):
     """overlap=False (halo awaited before any compute) is exact too."""

@@ -142,8 +142,10 @@ def test_override_inside_a_value_or_a_whole_section():
 @pytest.mark.parametrize(
     "overrides, keys",
     [
-        (["train.seq_len=1000"], ["train.seq_len=1000", "attention.block_size=64"]),
-        (["train.seq_len=128"], ["train.seq_len=128", "attention.window_blocks"]),
+        (
+            ["train.seq_len=1000", "parallel.cp=2"],
+            ["train.seq_len=1000", "attention.block_size=64", "parallel.cp=2"],
+        ),
         (["model.n_heads=3"], ["model.n_heads=3", "model.d_model=128"]),
         (["attention.causal=false"], ["attention.causal"]),
         (["schedule.min_lr=1.0", "optim.lr=0.1"], ["schedule.min_lr", "optim.lr"]),

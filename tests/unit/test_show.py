@@ -96,7 +96,7 @@ def test_forward_bytes_follow_the_plan():
     # All-reduce of the 8 global q, k, v rows: 2 (P-1)/P of the buffer.
     assert all(s["global"] == 2 * 3 * 8 * row * 3 // 4 for s in sent)
     one = forward_bytes(cfg, 128, 1, 0, n_heads, head_dim)
-    assert one == {"halo": 0, "random": 0, "global": 0, "global_merge": 0}
+    assert one == {"halo": 0, "random": 0, "pool": 0, "global": 0, "global_merge": 0}
 
 
 def test_command_writes_a_picture(tmp_path):
