@@ -20,9 +20,10 @@ rank 0 logs them):
   time/other_s (the rest: logging, the stop agreement) add up to it.
 - mem/peak_gib: peak memory over the window: CUDA max_memory_allocated, else the process's
   peak resident set (train.memory.PeakMemory).
-- comm/{halo,global,random,pool}_bytes and comm/{halo,global,random,pool}_s: bytes this rank sent and
-  seconds it was blocked in the context-parallel exchanges, forward and backward, all layers
-  (parallel.traffic; global includes the merge of the global queries' partials); only with cp>1.
+- comm/{halo,global,random,pool}_bytes and comm/{halo,global,random,pool}_s: bytes this rank
+  sent and seconds it was blocked in the context-parallel exchanges, forward and backward, all
+  layers (parallel.traffic; global includes the merge of the global queries' partials); only
+  with cp>1.
 """
 
 from __future__ import annotations
@@ -147,10 +148,10 @@ def render_run_pattern(
     from parallel.show import render_pattern
 
     a = attn_cfg
+    pool = f" (pool {a.random_pool_blocks})" if a.random_pool_blocks else ""
     title = (
         f"N={seq_len}, b={a.block_size}, window={a.window_blocks}, global={a.global_blocks}, "
-        f"random={a.random_blocks}"
-        f"{f' (pool {a.random_pool_blocks})' if a.random_pool_blocks else ''}; cp={cp}, layer 0, head 0"
+        f"random={a.random_blocks}{pool}; cp={cp}, layer 0, head 0"
     )
     return render_pattern(
         attn_cfg, seq_len, cp, model_args.n_heads, model_args.head_dim, out,
