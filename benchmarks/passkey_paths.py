@@ -1,36 +1,55 @@
-"""Passkey beyond the window: window-only vs BigBird at the same attention budget, trained.
+"""Passkey beyond the window: window-only vs BigBird (whole-sequence and pooled random blocks)
+at the same attention budget, trained.
 
-    python -m benchmarks.passkey_paths [--steps 1000] [--seq-len 256] [--layers 2] [--quick]
+    python -m benchmarks.passkey_paths [--steps 1000] [--seq-len 256] [--layers 2]
+                                       [--pool-blocks 4] [--quick]
                                        [--out benchmarks/results/passkey_paths.json]
 
-Two causal models of the same size, seed, data and number of steps differ only in the pattern:
-- bigbird: the demo's pattern (configs/demo.yaml): window 3 blocks, 1 global block, 2 random;
-- window: a sliding window of 6 blocks, no global and no random blocks.
-Each query block attends to 6 key blocks in both, and `train.flops.attention_pairs` (the
-pattern's exact pair count, the MFU budget) is the same to the pair. Defaults: block 16,
-256 tokens (16 blocks), 2 layers of width 64, so the window-only receptive field is 10 blocks
-and about a third of the keys lie beyond it; about 8 min on 2 idle CPU cores.
+Three causal models of the same size, seed, data and number of steps differ only in the pattern:
+- window: a sliding window of 6 blocks, no global and no random blocks;
+- bigbird: the demo's pattern (configs/demo.yaml): window 3 blocks, 1 global, 2 random, the
+  random blocks drawn from the whole sequence (random_pool_blocks=0, forced whatever the
+  demo config says);
+- bigbird_pool: the same with random_pool_blocks=P (`--pool-blocks`): each (step, layer) draws
+  a stratified pool of P blocks, one per 1/P of the sequence, and every query block draws its
+  2 random blocks from the pool blocks outside its window (model/sparse_random.py).
+P defaults to 4, a quarter of the 16 blocks of the default sequence: one pool block per
+4-block stratum, so the last query block still finds about 3 pool blocks before its window
+to draw its 2 from, while the pool is a real restriction (a quarter of the candidates, the
+regime in which a pool pays under context parallelism: traffic flat in N) and a multiple of
+the usual cp degrees 2 and 4 (every rank sends the same).
+Each query block attends to 6 key blocks in all three, and `train.flops.attention_pairs` (the
+pattern's exact pair count, the MFU budget) is the same to the pair for window and bigbird;
+bigbird_pool never spends more and spends a little less (about 6 % at the defaults, varying
+with the step's pool): a causal query block early in the sequence may find fewer than 2 pool
+blocks before its window. The report gives each pattern's pairs averaged over the training
+steps. Defaults: block 16, 256 tokens (16 blocks), 2 layers of width 64, so the window-only
+receptive field is 10 blocks and about a third of the keys lie beyond it; about 12 min on 2
+idle CPU cores.
 
 Task (synthetic, integer tokens): a cyclic filler, a MARKER followed by a `key_len`-token
 key planted at a uniformly random position, and at the end QUERY then the key again; the loss is
 the cross entropy of the key tokens at the answer positions only (teacher forced). Key token i
 comes from its own vocabulary of `key_values` ids, so chance is 1/key_values per token and
 1/key_values**key_len for the whole key. Training plants half of the keys (`--near-fraction`)
-in the last 2 blocks before QUERY, which both patterns see directly (a curriculum;
+in the last 2 blocks before QUERY, which every pattern sees directly (a curriculum;
 `--near-fraction 0` trains on uniform keys only); evaluation plants every key uniformly.
 
 A window-only model with L layers sees from the last block back L * (window_blocks - 1) blocks
 (its receptive field: `window_reach_blocks`); a key before that is invisible to it, so its
 accuracy there must be chance. In a causal model the global block is a visible prefix, so a key
 beyond the window reaches the answer only through random blocks (or by sitting in the prefix).
-Accuracy is reported by bucket: `within_reach`, `beyond_reach`, and beyond reach split by
-whether the evaluated step's random draw connects the key to the answer (`beyond_with_path`,
-`beyond_without_path`, from the composed dense masks). Evaluation uses fresh draws (steps after
-the training steps), as training does. Writes JSON with a `verdict` (`verdict()`: the
-window-only model at chance beyond its reach, BigBird above chance there when a path exists,
-at 3 binomial standard deviations); exits 0 either way. The structural twin of this
-benchmark (gradients are exactly zero beyond the receptive field) is
-tests/unit/test_passkey_paths.py.
+Accuracy is reported by bucket, each token accuracy with its binomial standard error
+(`stderr`, the key tokens counted as trials): `within_reach`, `beyond_reach`, and beyond reach
+split by whether the evaluated step's random draw connects the key to the answer
+(`beyond_with_path`, `beyond_without_path`, from the composed dense masks). Evaluation uses
+fresh draws (steps after the training steps), as training does, and the same sequences for
+every pattern. Writes JSON with a `verdict` (`verdict()`: the window-only model at chance
+beyond its reach, BigBird above chance there when a path exists, at 3 binomial standard
+deviations; and whether bigbird_pool is) and `pool_vs_whole` (`pool_vs_whole()`: bigbird_pool
+minus bigbird beyond reach, its standard error and z; the pool matches the whole-sequence
+draw when |z| < 2); exits 0 either way. The structural twin of this benchmark (gradients are
+exactly zero beyond the receptive field) is tests/unit/test_passkey_paths.py.
 """
 
 from __future__ import annotations
@@ -119,13 +138,19 @@ class PasskeyTask:
         return {"tokens": tokens, "keys": keys, "key_start": marker_at + 1}
 
 
-def patterns(block_size: int) -> dict[str, SparsityConfig]:
-    """The demo's causal BigBird pattern (configs/demo.yaml at `block_size`) and the
-    window-only pattern as wide as it: window + global + random key blocks per query block."""
-    bigbird = replace(load_config(DEMO_CONFIG).attention, block_size=block_size)
+def patterns(block_size: int, pool_blocks: int = 4) -> dict[str, SparsityConfig]:
+    """The window-only pattern, the demo's causal BigBird pattern (configs/demo.yaml at
+    `block_size`, random blocks from the whole sequence) and the same with a pool of
+    `pool_blocks` random candidates; the window is as wide as window + global + random key
+    blocks per query block."""
+    if pool_blocks < 1:
+        raise ValueError(f"pool_blocks={pool_blocks} must be >= 1 (0 is the bigbird pattern)")
+    demo = load_config(DEMO_CONFIG).attention
+    bigbird = replace(demo, block_size=block_size, random_pool_blocks=0)
     width = bigbird.window_blocks + bigbird.global_blocks + bigbird.random_blocks
     window = replace(bigbird, window_blocks=width, global_blocks=0, random_blocks=0)
-    return {"window": window, "bigbird": bigbird}
+    pool = replace(bigbird, random_pool_blocks=pool_blocks)
+    return {"window": window, "bigbird": bigbird, "bigbird_pool": pool}
 
 
 def window_reach_blocks(cfg: SparsityConfig, n_layers: int) -> int:
@@ -202,9 +227,10 @@ def evaluate(
     first_step: int,
     seed: int,
 ) -> dict[str, dict[str, float | None]]:
-    """Greedy accuracy of the key tokens (per token and whole key) by bucket, `reach` being the
-    window-only receptive field in blocks (the same buckets for every pattern); each batch uses
-    the random draw of its own step, from `first_step` on (draws training never saw)."""
+    """Greedy accuracy of the key tokens (per token, with its `binomial_stderr`, and whole key)
+    by bucket, `reach` being the window-only receptive field in blocks (the same buckets for
+    every pattern); each batch uses the random draw of its own step, from `first_step` on
+    (draws training never saw)."""
     model.eval()
     n_layers = model.args.n_layers
     gen = torch.Generator().manual_seed(seed)
@@ -236,10 +262,19 @@ def evaluate(
         name: {
             "samples": int(t[0]),
             "token_accuracy": round(t[1] / t[0], 4) if t[0] else None,
+            "stderr": round(binomial_stderr(t[1] / t[0], t[0] * task.key_len), 4)
+            if t[0]
+            else None,
             "key_accuracy": round(t[2] / t[0], 4) if t[0] else None,
         }
         for name, t in tallies.items()
     }
+
+
+def binomial_stderr(p: float, trials: int) -> float:
+    """sqrt(p (1 - p) / trials): the standard error of an accuracy `p` over `trials` tokens
+    (the key tokens of a sample counted as independent trials, which they are not quite)."""
+    return math.sqrt(p * (1 - p) / trials)
 
 
 def _above(bucket: dict[str, Any], chance: float, key_len: int) -> float | None:
