@@ -226,7 +226,7 @@ def evaluate(
     batch: int,
     first_step: int,
     seed: int,
-) -> dict[str, dict[str, float | None]]:
+) -> dict[str, dict[str, Any]]:
     """Greedy accuracy of the key tokens (per token, with its `binomial_stderr`, and whole key)
     by bucket, `reach` being the window-only receptive field in blocks (the same buckets for
     every pattern); each batch uses the random draw of its own step, from `first_step` on
@@ -258,16 +258,20 @@ def evaluate(
                 t[1] += float(hits[row].mean())
                 t[2] += float(hits[row].all())
     model.train()
+    return {name: _bucket(t[0], t[1], t[2], task.key_len) for name, t in tallies.items()}
+
+
+def _bucket(samples: float, token_hits: float, key_hits: float, key_len: int) -> dict[str, Any]:
+    """A bucket's report from its tallies (None accuracies when it is empty)."""
+    n = int(samples)
+    if not n:
+        return {"samples": 0, "token_accuracy": None, "stderr": None, "key_accuracy": None}
+    token_accuracy = token_hits / n
     return {
-        name: {
-            "samples": int(t[0]),
-            "token_accuracy": round(t[1] / t[0], 4) if t[0] else None,
-            "stderr": round(binomial_stderr(t[1] / t[0], t[0] * task.key_len), 4)
-            if t[0]
-            else None,
-            "key_accuracy": round(t[2] / t[0], 4) if t[0] else None,
-        }
-        for name, t in tallies.items()
+        "samples": n,
+        "token_accuracy": round(token_accuracy, 4),
+        "stderr": round(binomial_stderr(token_accuracy, n * key_len), 4),
+        "key_accuracy": round(key_hits / n, 4),
     }
 
 
@@ -294,15 +298,19 @@ def verdict(report: dict[str, Any], sigmas: float = 3.0) -> dict[str, Any]:
     - bigbird_beyond_with_path_above_chance: BigBird retrieves keys beyond the window's reach
       when the step's random/global blocks connect them to the answer;
     - bigbird_beyond_without_path_at_chance: and not when they do not (None: no such sample);
-    `demonstrated` is all three (the last may be None)."""
+    `demonstrated` is all three (the last may be None). Apart from it:
+    - bigbird_pool_beyond_with_path_above_chance: the same as the second claim for the pooled
+      draw (None: its draws connected no key beyond reach to the answer)."""
     chance = report["chance"]["token_accuracy"]
     key_len = report["settings"]["task"]["key_len"]
     window = report["patterns"]["window"]["accuracy"]
     bigbird = report["patterns"]["bigbird"]["accuracy"]
+    pool = report["patterns"]["bigbird_pool"]["accuracy"]
     z = {
         "window_beyond_reach": _above(window["beyond_reach"], chance, key_len),
         "bigbird_beyond_with_path": _above(bigbird["beyond_with_path"], chance, key_len),
         "bigbird_beyond_without_path": _above(bigbird["beyond_without_path"], chance, key_len),
+        "bigbird_pool_beyond_with_path": _above(pool["beyond_with_path"], chance, key_len),
     }
     claims = {
         "window_beyond_at_chance": z["window_beyond_reach"] is not None
@@ -313,12 +321,45 @@ def verdict(report: dict[str, Any], sigmas: float = 3.0) -> dict[str, Any]:
         if z["bigbird_beyond_without_path"] is None
         else z["bigbird_beyond_without_path"] < sigmas,
     }
+    pool_with_path = z["bigbird_pool_beyond_with_path"]
     return {
         "sigmas": sigmas,
         "z_above_chance": z,
         **claims,
         "demonstrated": all(v is not False for v in claims.values()),
+        "bigbird_pool_beyond_with_path_above_chance": None
+        if pool_with_path is None
+        else pool_with_path >= sigmas,
     }
+
+
+def pool_vs_whole(report: dict[str, Any], bucket: str = "beyond_reach") -> dict[str, Any]:
+    """bigbird_pool's token accuracy in `bucket` minus bigbird's, with the standard error of
+    the difference (the two binomial standard errors in quadrature, as for independent
+    samples: both models see the same sequences, which this ignores) and z = difference /
+    stderr; `pool_matches_whole` is |z| < 2. All None when a bucket is empty or both standard
+    errors are 0 (z undefined)."""
+    pool = report["patterns"]["bigbird_pool"]["accuracy"][bucket]
+    whole = report["patterns"]["bigbird"]["accuracy"][bucket]
+    out: dict[str, Any] = {
+        "bucket": bucket,
+        "pool_token_accuracy": pool["token_accuracy"],
+        "whole_token_accuracy": whole["token_accuracy"],
+        "difference": None,
+        "stderr": None,
+        "z": None,
+        "pool_matches_whole": None,
+    }
+    if not pool["samples"] or not whole["samples"]:
+        return out
+    difference = pool["token_accuracy"] - whole["token_accuracy"]
+    stderr = math.sqrt(pool["stderr"] ** 2 + whole["stderr"] ** 2)
+    out["difference"] = round(difference, 4)
+    out["stderr"] = round(stderr, 4)
+    if stderr > 0:
+        out["z"] = round(difference / stderr, 2)
+        out["pool_matches_whole"] = abs(out["z"]) < 2
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,12 +379,18 @@ def main(argv: list[str] | None = None) -> None:
         help="training rows whose key lies in the last --near-blocks blocks (evaluation: none)",
     )  # fmt: skip
     p.add_argument("--near-blocks", type=int, default=2)
+    p.add_argument(
+        "--pool-blocks", type=int, default=4,
+        help="random_pool_blocks of the bigbird_pool pattern (>= 1)",
+    )  # fmt: skip
     p.add_argument("--eval-samples", type=int, default=None, help="default 1024; quick 16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
+    if a.pool_blocks < 1:
+        p.error(f"--pool-blocks {a.pool_blocks} must be >= 1 (0 is the bigbird pattern)")
     torch.set_num_threads(a.threads)
 
     def pick(value: int | None, full: int, quick: int) -> int:
@@ -361,9 +408,14 @@ def main(argv: list[str] | None = None) -> None:
         n_layers=a.layers,
         n_heads=a.heads,
     )
-    cfgs = patterns(block)
+    cfgs = patterns(block, a.pool_blocks)
+    # the pool's pair count varies with the step's pool: the mean over the training steps
     budget = {
-        name: attention_pairs(cfg, seq_len, model_args.n_heads, model_args.n_layers)
+        name: sum(
+            attention_pairs(cfg, seq_len, model_args.n_heads, model_args.n_layers, step)
+            for step in range(steps)
+        )
+        / steps
         for name, cfg in cfgs.items()
     }
     reach = window_reach_blocks(cfgs["window"], model_args.n_layers)
@@ -381,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         buckets = evaluate(model, cfg, task, reach, eval_samples, 64, steps, a.seed + 1)
         results[name] = {
             "pattern": asdict(cfg),
-            "attention_pairs": budget[name],
+            "attention_pairs": round(budget[name], 1),
             "train_seconds": round(seconds, 1),
             "eval_seconds": round(time.perf_counter() - t0, 1),
             "loss_curve": [{"step": c["step"], "loss": round(c["loss"], 4)} for c in curve],
@@ -409,11 +461,13 @@ def main(argv: list[str] | None = None) -> None:
             "near_fraction": a.near_fraction,
             "near_tokens": a.near_blocks * block,
             "seed": a.seed,
+            "pool_blocks": a.pool_blocks,
             "eval_samples": eval_samples,
         },
         "budget": {
-            "attention_pairs": budget,
+            "attention_pairs": {name: round(pairs, 1) for name, pairs in budget.items()},
             "ratio_bigbird_to_window": round(budget["bigbird"] / budget["window"], 4),
+            "ratio_bigbird_pool_to_window": round(budget["bigbird_pool"] / budget["window"], 4),
         },
         "window_reach": {"blocks": reach, "tokens": reach * block},
         "chance": {
@@ -424,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     report["verdict"] = verdict(report)
-    print(json.dumps(report["verdict"], indent=2), flush=True)
+    report["pool_vs_whole"] = pool_vs_whole(report)
+    print(json.dumps({k: report[k] for k in ("verdict", "pool_vs_whole")}, indent=2), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out} in {report['seconds']} s")

@@ -236,9 +236,11 @@ class SparsityConfig:
             )
             pool = self.random_pool(n_blocks, layer, step, head)
             picks = draw_rows(self.draw_seed(step, layer, head), rows, pool, lo, hi, r)
-            is_global = torch.zeros(n_blocks, dtype=torch.bool)
-            is_global[self.global_block_ids(n_blocks)] = True
-            tables.append(picks.masked_fill(is_global[rows].view(-1, 1), -1))
+            # Global query blocks see every key already; rows past the sequence are padding.
+            skip = torch.ones(n_blocks + 1, dtype=torch.bool)
+            skip[:n_blocks] = False
+            skip[self.global_block_ids(n_blocks)] = True
+            tables.append(picks.masked_fill(skip[rows.clamp(max=n_blocks)].view(-1, 1), -1))
         return torch.stack(tables)
 
     def random_table(self, seq_len: int, n_heads: int, layer: int = 0, step: int = 0):

@@ -55,10 +55,13 @@ def build_block_table(
     step: int = 0,
     q_blocks: torch.Tensor | None = None,
     key_block_slot: torch.Tensor | None = None,
+    pattern_blocks: int | None = None,
 ) -> BlockTable:
     """Table for the query blocks `q_blocks` (global ids; default all) of a `seq_len` sequence.
 
     key_block_slot: long [n_blocks], the buffer slot of each global key block (-1 = absent).
+    pattern_blocks: the blocks of the true sequence when `seq_len` includes whole blocks of
+    padding (context parallelism pads to cp x block): random draws stay inside it.
     """
     n_blocks = seq_len // cfg.block_size
     if q_blocks is None:
@@ -74,7 +77,7 @@ def build_block_table(
     win_valid = in_reach & (win_blocks >= 0) & (win_blocks < n_blocks)  # [Hx, nq, S]
     win_blocks = win_blocks.expand(heads, -1, -1)
 
-    rand = cfg.random_rows(q_blocks, n_blocks, n_heads, layer, step)  # [1 or H, nq, r]
+    rand = cfg.random_rows(q_blocks, pattern_blocks or n_blocks, n_heads, layer, step)
     rand = rand.expand(heads, -1, -1)
     rand_valid = rand >= 0
 
@@ -98,11 +101,16 @@ def build_block_table(
 
 
 def gather_global_positions(
-    cfg: SparsityConfig, seq_len: int, global_mask: torch.Tensor | None, batch: int
+    cfg: SparsityConfig,
+    seq_len: int,
+    global_mask: torch.Tensor | None,
+    batch: int,
+    pattern_len: int | None = None,
 ) -> GlobalSet:
-    """The global tokens: the config's, plus a per-sample `global_mask` [batch, seq]."""
+    """The global tokens: the config's (those of a `pattern_len`-token sequence, default
+    seq_len, the rest being padding), plus a per-sample `global_mask` [batch, seq]."""
     flags = torch.zeros(1, seq_len, dtype=torch.bool)
-    flags[0, cfg.global_positions(seq_len)] = True
+    flags[0, cfg.global_positions(pattern_len or seq_len)] = True
     if global_mask is not None:
         flags = flags | global_mask.bool().cpu()
     counts = flags.sum(dim=1)

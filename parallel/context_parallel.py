@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from model.sparse import SparsityConfig
 from model.sparse_kernel import block_sparse_attention, make_plan
@@ -42,7 +43,7 @@ from parallel.cp_comm import (
 from parallel.cp_plan import rank_plan
 from parallel.traffic import TrafficCounter, all_reduce_bytes
 
-__all__ = ["cp_sparse_attention"]
+__all__ = ["cp_sparse_attention", "pad_for_cp"]
 
 
 def cp_sparse_attention(
@@ -57,22 +58,35 @@ def cp_sparse_attention(
     global_mask: torch.Tensor | None = None,
     traffic: TrafficCounter | None = None,
     overlap: bool = True,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """This rank's slice [B, H, n, D] of exact sparse attention over the whole sequence.
 
     overlap=False waits for the halo before any compute (same result; for measuring what the
     overlap hides, benchmarks/cp_overlap.py).
 
+    seq_len: the true length of a sequence that the caller padded to a multiple of
+    P x block_size (`pad_for_cp`); the positions past it are masked keys and their outputs
+    are meaningless; the pattern (global blocks, random draws) is that of `seq_len` tokens.
+    The masks may then be [batch, seq_len] or [batch, padded length].
+
     group: the cp process group (None = WORLD; without torch.distributed initialised, one
     rank). Raises ValueError on every rank (not a hang) for impossible or mismatched arguments.
     """
     comm = CPComm.create(group, traffic, layer)
-    problem = local_problem(q_local, k_local, v_local, cfg, comm.world, padding_mask, global_mask)
-    check_call(comm, problem, describe(q_local, cfg, comm.world, padding_mask, global_mask))
+    padded_len = q_local.shape[2] * comm.world if q_local.dim() == 4 else 0
+    pattern_len = padded_len if seq_len is None else seq_len
+    padding_mask, global_mask = _pad_masks(padding_mask, global_mask, pattern_len, padded_len)
+    problem = local_problem(
+        q_local, k_local, v_local, cfg, comm.world, padding_mask, global_mask, pattern_len
+    )
+    check_call(
+        comm, problem, describe(q_local, cfg, comm.world, padding_mask, global_mask, pattern_len)
+    )
     batch, heads, n_local, dim = q_local.shape
-    seq_len = n_local * comm.world
-    plan = rank_plan(cfg, seq_len, comm.world, comm.rank, heads, layer, step)
-    glob = gather_global_positions(cfg, seq_len, global_mask, batch)
+    seq_len = padded_len
+    plan = rank_plan(cfg, seq_len, comm.world, comm.rank, heads, layer, step, pattern_len)
+    glob = gather_global_positions(cfg, seq_len, global_mask, batch, pattern_len)
     key_valid = None if padding_mask is None else ~padding_mask.bool().cpu()
     skip = glob.is_global if key_valid is None else glob.is_global | ~key_valid  # [1|B, N]
     g_valid = glob.valid
@@ -141,6 +155,36 @@ def cp_sparse_attention(
     assert partial is not None
     merged, token = _merge_partials(comm, token, *partial)
     return _place_rows(parts, merged, glob, lo, n_local, token)
+
+
+def pad_for_cp(x: torch.Tensor, world: int, block: int, dim: int = 2) -> torch.Tensor:
+    """x padded with zeros along `dim` to a multiple of world x block (what each cp rank's
+    equal slice of whole blocks needs); pass the true length as cp_sparse_attention's seq_len."""
+    step = world * block
+    pad = -x.shape[dim] % step
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _pad_masks(padding_mask, global_mask, pattern_len: int, padded_len: int):
+    """Masks over the padded sequence: keys past the true length are padding."""
+    if pattern_len >= padded_len or pattern_len <= 0:
+        return padding_mask, global_mask
+    for m in (padding_mask, global_mask):
+        if m is not None and m.shape[-1] not in (pattern_len, padded_len):
+            return padding_mask, global_mask  # local_problem names the bad shape
+    batch = next((m.shape[0] for m in (padding_mask, global_mask) if m is not None), 1)
+    if padding_mask is None:
+        padding_mask = torch.zeros(batch, pattern_len, dtype=torch.bool)
+    padding_mask = F.pad(
+        padding_mask.bool()[:, :pattern_len], (0, padded_len - pattern_len), value=True
+    )
+    if global_mask is not None:
+        global_mask = F.pad(global_mask.bool()[:, :pattern_len], (0, padded_len - pattern_len))
+    return padding_mask, global_mask
 
 
 def _tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:

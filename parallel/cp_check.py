@@ -32,6 +32,7 @@ def local_problem(
     world: int,
     padding_mask: torch.Tensor | None,
     global_mask: torch.Tensor | None,
+    pattern_len: int | None = None,
 ) -> str | None:
     """The first thing wrong with this rank's arguments, as a sentence, or None."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -50,7 +51,13 @@ def local_problem(
     if n_local % b:
         return (
             f"sequence length {seq_len} (local {n_local} x cp {world}) must be a multiple of "
-            f"cp x attention.block_size = {world} x {b} = {world * b}"
+            f"cp x attention.block_size = {world} x {b} = {world * b} (pad it with "
+            "parallel.context_parallel.pad_for_cp and pass the true length as seq_len)"
+        )
+    if pattern_len is not None and not seq_len - world * b < pattern_len <= seq_len:
+        return (
+            f"seq_len={pattern_len} does not fit the {seq_len} tokens of the cp ranks: pad a "
+            f"sequence only to the next multiple of cp x attention.block_size = {world * b}"
         )
     try:
         cfg.validate_seq_len(seq_len)
@@ -66,9 +73,12 @@ def local_problem(
     return None
 
 
-def describe(q: torch.Tensor, cfg: SparsityConfig, world: int, padding_mask, global_mask) -> str:
+def describe(
+    q: torch.Tensor, cfg: SparsityConfig, world: int, padding_mask, global_mask, pattern_len=None
+) -> str:
     return (
-        f"{cfg!r} local_shape={tuple(q.shape)} seq_len={q.shape[2] * world} dtype={q.dtype} "
+        f"{cfg!r} local_shape={tuple(q.shape)} seq_len={q.shape[2] * world} "
+        f"pattern_len={pattern_len} dtype={q.dtype} "
         f"padding_mask={padding_mask is not None} global_mask={global_mask is not None}"
     )
 

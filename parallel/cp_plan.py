@@ -112,7 +112,7 @@ def halo_pieces(cfg: SparsityConfig, n_blocks: int, world: int) -> list[HaloPiec
     return pieces
 
 
-def _random_needs(cfg, n_blocks, world, rank, n_heads, layer, step) -> torch.Tensor:
+def _random_needs(cfg, n_blocks, world, rank, n_heads, layer, step, npat) -> torch.Tensor:
     """Sorted unique remote random blocks `rank` receives.
 
     With a pool: every pool block outside the rank's reach (what its queries can draw), known
@@ -124,10 +124,10 @@ def _random_needs(cfg, n_blocks, world, rank, n_heads, layer, step) -> torch.Ten
         return torch.empty(0, dtype=torch.long)
     if cfg.random_pool_blocks:
         heads = cfg.draw_heads(n_heads)
-        rows = torch.cat([cfg.random_pool(n_blocks, layer, step, h) for h, _ in heads])
+        rows = torch.cat([cfg.random_pool(npat, layer, step, h) for h, _ in heads])
     else:
         local = torch.arange(rank * nl, (rank + 1) * nl)
-        rows = cfg.random_rows(local, n_blocks, n_heads, layer, step).flatten()
+        rows = cfg.random_rows(local, npat, n_heads, layer, step).flatten()
         rows = rows[rows >= 0]
     outside = (rows < left_lo) | (rows >= right_hi)
     return torch.unique(rows[outside])
@@ -141,13 +141,25 @@ def _slots(n_blocks: int, buffer_blocks: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def rank_plan(
-    cfg: SparsityConfig, seq_len: int, world: int, rank: int, n_heads: int, layer: int, step: int
+    cfg: SparsityConfig,
+    seq_len: int,
+    world: int,
+    rank: int,
+    n_heads: int,
+    layer: int,
+    step: int,
+    pattern_len: int | None = None,
 ) -> RankPlan:
-    """The plan of `rank`; cached because a training step calls it once per layer."""
+    """The plan of `rank`, built once per (step, layer) and cached: every micro-batch and the
+    backward of that layer reuse it. `pattern_len`: the true sequence length when `seq_len`
+    (a multiple of world x block) ends in padding; the pattern is that of the true length."""
     b = cfg.block_size
     n_blocks = seq_len // b
+    npat = cfg.n_blocks(pattern_len or seq_len)
     nl = n_blocks // world
-    needs = [_random_needs(cfg, n_blocks, world, r, n_heads, layer, step) for r in range(world)]
+    needs = [
+        _random_needs(cfg, n_blocks, world, r, n_heads, layer, step, npat) for r in range(world)
+    ]
     mine = needs[rank]
     sources = [int(((mine >= s * nl) & (mine < (s + 1) * nl)).sum()) for s in range(world)]
     sends = []
@@ -165,25 +177,25 @@ def rank_plan(
     win_lo = (local - cfg.left_blocks * d).clamp(min=0)
     win_hi = (local + cfg.right_blocks * d).clamp(max=n_blocks - 1)
     ok = (win_lo >= rank * nl) & (win_hi < (rank + 1) * nl)
-    rand = cfg.random_rows(local, n_blocks, n_heads, layer, step)  # [Hx, nl, r]
+    rand = cfg.random_rows(local, npat, n_heads, layer, step)  # [Hx, nl, r]
     in_halo = ((rand >= l_lo) & (rand < l_hi)) | ((rand >= r_lo) & (rand < r_hi))
     ok &= ~in_halo.any(dim=2).any(dim=0)
     interior, boundary = local[ok], local[~ok]
 
     left, right = torch.arange(l_lo, l_hi), torch.arange(r_lo, r_hi)
     buf_interior = torch.cat([local, mine])
-    reads = build_block_table(cfg, seq_len, n_heads, layer, step, boundary)
+    reads = build_block_table(cfg, seq_len, n_heads, layer, step, boundary, None, npat)
     read = reads.index[reads.valid]
     read_local = torch.unique(read[(read >= rank * nl) & (read < (rank + 1) * nl)])
     buf_boundary = torch.cat([left, read_local, right, mine])
     t_int = t_bnd = None
     if interior.numel():
         t_int = build_block_table(
-            cfg, seq_len, n_heads, layer, step, interior, _slots(n_blocks, buf_interior)
+            cfg, seq_len, n_heads, layer, step, interior, _slots(n_blocks, buf_interior), npat
         )
     if boundary.numel():
         t_bnd = build_block_table(
-            cfg, seq_len, n_heads, layer, step, boundary, _slots(n_blocks, buf_boundary)
+            cfg, seq_len, n_heads, layer, step, boundary, _slots(n_blocks, buf_boundary), npat
         )
     halo_send = [p for p in pieces if p.src == rank]
     near = read_local - rank * nl

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from model.sparse import SparsityConfig, dense_attention
-from parallel.context_parallel import cp_sparse_attention
+from parallel.context_parallel import cp_sparse_attention, pad_for_cp
 from parallel.traffic import TrafficCounter
 
 BLOCK = 8
@@ -67,8 +67,28 @@ PATTERNS: dict[str, tuple[dict, bool, bool]] = {
 }
 
 
+# name -> (SparsityConfig kwargs, true sequence length): not a multiple of cp x block, and a
+# window wider than the sequence; both padded inside.
+LENGTHS: dict[str, tuple[dict, int]] = {
+    "any-length-bigbird-pool": (
+        dict(window_blocks=3, global_blocks=2, random_blocks=2, random_pool_blocks=4),
+        83,
+    ),
+    "window-wider-than-sequence": (dict(window_blocks=41, global_blocks=1, random_blocks=1), 77),
+}
+
+
 def all_cases() -> list[dict]:
     cases = []
+    for name, (kwargs, length) in LENGTHS.items():
+        for causal in (False, True):
+            kw = dict(kwargs, block_size=BLOCK, causal=causal, seed=7)
+            if causal:
+                kw["window_blocks"] = (kw["window_blocks"] + 1) // 2
+            cases.append(
+                dict(name=f"{name}/{'causal' if causal else 'bidir'}", cfg=kw, length=length,
+                     padding=True, sample_global=True)
+            )  # fmt: skip
     for name, (kwargs, padding, sample_global) in PATTERNS.items():
         for causal in (False, True):
             if causal and kwargs.get("etc_tokens"):
@@ -111,25 +131,31 @@ def reference(q, k, v, cfg, layer, step, padding_mask, global_mask):
 
 def _errors(rank, world, case, dtype, layer=1, step=3, batch=2, heads=3, dim=8):
     cfg = SparsityConfig(**case["cfg"])
+    length = case.get("length", SEQ)  # any length: padded to cp x block, true length passed
     q, k, v, d_out, padding_mask, global_mask = make_inputs(
-        case, SEQ, batch, heads, dim, dtype, seed=11
+        case, length, batch, heads, dim, dtype, seed=11
     )
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = reference(qr, kr, vr, cfg, layer, step, padding_mask, global_mask)
     (ref * d_out).sum().backward()
-    n = SEQ // world
+    q, k, v, d_out, ref_out, dq, dk, dv = (
+        pad_for_cp(t.detach(), world, BLOCK)
+        for t in (q, k, v, d_out, ref, qr.grad, kr.grad, vr.grad)
+    )
+    n = q.shape[2] // world
     sl = slice(rank * n, (rank + 1) * n)
     ql, kl, vl = (t[:, :, sl].clone().requires_grad_() for t in (q, k, v))
     out = cp_sparse_attention(
         ql, kl, vl, cfg, None, layer, step, padding_mask=padding_mask, global_mask=global_mask,
-        overlap=case.get("overlap", True),
+        overlap=case.get("overlap", True), seq_len=length,
     )  # fmt: skip
     (out * d_out[:, :, sl]).sum().backward()
+    real = max(0, min(n, length - rank * n))  # outputs past the true length are not defined
     pairs = {
-        "out": (out, ref[:, :, sl]),
-        "dq": (ql.grad, qr.grad[:, :, sl]),
-        "dk": (kl.grad, kr.grad[:, :, sl]),
-        "dv": (vl.grad, vr.grad[:, :, sl]),
+        "out": (out[:, :, :real], ref_out[:, :, sl][:, :, :real]),
+        "dq": (ql.grad, dq[:, :, sl]),
+        "dk": (kl.grad, dk[:, :, sl]),
+        "dv": (vl.grad, dv[:, :, sl]),
     }
     return {key: float((a - b).detach().abs().max()) for key, (a, b) in pairs.items()}
 

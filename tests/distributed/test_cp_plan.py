@@ -101,3 +101,21 @@ def test_single_rank_errors_name_the_setting():
     with pytest.raises(ValueError, match="global_mask must be the FULL-sequence"):
         x = torch.randn(1, 1, 64, 4)
         cp_sparse_attention(x, x, x, cfg, global_mask=torch.zeros(1, 32, dtype=torch.bool))
+
+
+def test_plan_is_built_once_per_step_and_layer():
+    """Micro-batches and backward of one (step, layer) reuse one plan; a new step draws anew."""
+    from parallel.context_parallel import cp_sparse_attention
+
+    cfg = SparsityConfig(
+        block_size=8, window_blocks=3, global_blocks=1, random_blocks=2, random_pool_blocks=4
+    )
+    rank_plan.cache_clear()
+    for step in (0, 1):
+        for _micro_batch in range(3):
+            for layer in (0, 1):
+                q, k, v = (torch.randn(1, 2, 64, 4, requires_grad=True) for _ in range(3))
+                cp_sparse_attention(q, k, v, cfg, None, layer=layer, step=step).sum().backward()
+    info = rank_plan.cache_info()
+    assert info.misses == 4, info  # 2 steps x 2 layers
+    assert info.hits == 8, info

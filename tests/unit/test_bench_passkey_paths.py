@@ -7,48 +7,109 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from benchmarks.passkey_paths import BUCKETS, PasskeyTask, verdict
+from benchmarks import passkey_paths
+from benchmarks.passkey_paths import BUCKETS, PasskeyTask, patterns, pool_vs_whole, verdict
 from tests.bench import run_quick
+
+PATTERNS = {"window", "bigbird", "bigbird_pool"}
 
 
 def test_quick_benchmark_writes_its_report(tmp_path):
-    report = run_quick("passkey_paths", tmp_path / "passkey_paths.json", timeout=120)
+    out = tmp_path / "passkey_paths.json"
+    report = run_quick("passkey_paths", out, 180, "--pool-blocks", "3")
     assert report["settings"]["quick"] is True
+    assert report["settings"]["pool_blocks"] == 3
+    runs = report["patterns"]
     pairs = report["budget"]["attention_pairs"]
-    assert set(pairs) == set(report["patterns"]) == {"window", "bigbird"}
-    assert report["budget"]["ratio_bigbird_to_window"] == round(
-        pairs["bigbird"] / pairs["window"], 4
+    assert set(pairs) == set(runs) == PATTERNS
+    assert runs["bigbird"]["pattern"]["random_pool_blocks"] == 0
+    assert runs["bigbird_pool"]["pattern"]["random_pool_blocks"] == 3
+    # the pool changes only the candidates of the random draw
+    without_pool = {**runs["bigbird_pool"]["pattern"], "random_pool_blocks": 0}
+    assert without_pool == runs["bigbird"]["pattern"]
+    assert pairs["bigbird"] == pairs["window"]  # the same budget, to the pair
+    assert 0.8 * pairs["bigbird"] < pairs["bigbird_pool"] <= pairs["bigbird"]
+    assert report["budget"]["ratio_bigbird_to_window"] == 1.0
+    assert report["budget"]["ratio_bigbird_pool_to_window"] == round(
+        pairs["bigbird_pool"] / pairs["window"], 4
     )
-    for run in report["patterns"].values():
+    key_len = report["settings"]["task"]["key_len"]
+    for name, run in runs.items():
+        assert run["attention_pairs"] == pairs[name]
         assert set(run["accuracy"]) == set(BUCKETS)
-        samples = {name: bucket["samples"] for name, bucket in run["accuracy"].items()}
+        samples = {bucket: acc["samples"] for bucket, acc in run["accuracy"].items()}
         assert (
-            samples["within_reach"] + samples["beyond_reach"]
-            == (report["settings"]["eval_samples"])
+            samples["within_reach"] + samples["beyond_reach"] == report["settings"]["eval_samples"]
         )
         beyond = samples["beyond_with_path"] + samples["beyond_without_path"]
         assert beyond == samples["beyond_reach"]
+        for acc in run["accuracy"].values():
+            if acc["samples"]:
+                p, n = acc["token_accuracy"], acc["samples"] * key_len
+                assert acc["stderr"] == round(math.sqrt(p * (1 - p) / n), 4) or (
+                    abs(acc["stderr"] - math.sqrt(p * (1 - p) / n)) < 2e-4  # p was rounded
+                )
+            else:
+                assert acc["token_accuracy"] is None and acc["stderr"] is None
         assert run["loss_curve"][-1]["step"] == report["settings"]["steps"]
+    # the three models are evaluated on the same sequences: the same buckets
+    reach_samples = {name: run["accuracy"]["beyond_reach"]["samples"] for name, run in runs.items()}
+    assert len(set(reach_samples.values())) == 1
     # a window-only model has no path beyond its reach
-    assert report["patterns"]["window"]["accuracy"]["beyond_with_path"]["samples"] == 0
+    assert runs["window"]["accuracy"]["beyond_with_path"]["samples"] == 0
     assert report["verdict"] == verdict(report)
+    assert report["pool_vs_whole"] == pool_vs_whole(report)
 
 
-def _report(window_beyond: float, with_path: float, without_path: float | None) -> dict:
-    def bucket(acc: float | None, samples: int = 200) -> dict:
-        return {"samples": 0 if acc is None else samples, "token_accuracy": acc}
+def test_bigbird_draws_from_the_whole_sequence_whatever_the_demo_config_says(tmp_path, monkeypatch):
+    demo = passkey_paths.DEMO_CONFIG.read_text()
+    pooled = tmp_path / "demo.yaml"
+    pooled.write_text(demo.replace("attention:\n", "attention:\n  random_pool_blocks: 8\n", 1))
+    monkeypatch.setattr(passkey_paths, "DEMO_CONFIG", pooled)
+    cfgs = patterns(16, pool_blocks=5)
+    assert set(cfgs) == PATTERNS
+    assert cfgs["bigbird"].random_pool_blocks == 0
+    assert cfgs["window"].random_pool_blocks == 0 and cfgs["window"].random_blocks == 0
+    assert cfgs["bigbird_pool"].random_pool_blocks == 5
+    assert cfgs["bigbird_pool"].random_blocks == cfgs["bigbird"].random_blocks > 0
+    with pytest.raises(ValueError, match="pool_blocks"):
+        patterns(16, pool_blocks=0)
 
+
+def _bucket(acc: float | None, samples: int = 200, key_len: int = 2) -> dict:
+    if acc is None:
+        return {"samples": 0, "token_accuracy": None, "stderr": None}
+    stderr = round(math.sqrt(acc * (1 - acc) / (samples * key_len)), 4)
+    return {"samples": samples, "token_accuracy": acc, "stderr": stderr}
+
+
+def _report(
+    window_beyond: float,
+    with_path: float,
+    without_path: float | None,
+    pool_with_path: float | None = 0.5,
+    whole_beyond: float = 0.3,
+    pool_beyond: float = 0.3,
+) -> dict:
     return {
         "chance": {"token_accuracy": 1 / 16},
         "settings": {"task": {"key_len": 2}},
         "patterns": {
-            "window": {"accuracy": {"beyond_reach": bucket(window_beyond)}},
+            "window": {"accuracy": {"beyond_reach": _bucket(window_beyond)}},
             "bigbird": {
                 "accuracy": {
-                    "beyond_with_path": bucket(with_path),
-                    "beyond_without_path": bucket(without_path),
+                    "beyond_reach": _bucket(whole_beyond),
+                    "beyond_with_path": _bucket(with_path),
+                    "beyond_without_path": _bucket(without_path),
+                }
+            },
+            "bigbird_pool": {
+                "accuracy": {
+                    "beyond_reach": _bucket(pool_beyond),
+                    "beyond_with_path": _bucket(pool_with_path),
                 }
             },
         },
@@ -65,6 +126,37 @@ def test_verdict_needs_every_claim():
     assert shown["z_above_chance"]["window_beyond_reach"] == round((0.07 - 1 / 16) / sigma, 2)
     for window, with_path, without_path in [(0.2, 0.5, 0.06), (0.07, 0.09, 0.06), (0.07, 0.5, 0.3)]:
         assert verdict(_report(window, with_path, without_path))["demonstrated"] is False
+
+
+def test_verdict_states_the_pool_claim_apart():
+    above = verdict(_report(0.07, 0.5, 0.06, pool_with_path=0.5))
+    assert above["bigbird_pool_beyond_with_path_above_chance"] is True
+    sigma = math.sqrt(1 / 16 * 15 / 16 / 400)
+    z = above["z_above_chance"]["bigbird_pool_beyond_with_path"]
+    assert z == round((0.5 - 1 / 16) / sigma, 2)
+    # 0.09 is 2.3 sigma above chance: not shown; the window/BigBird demonstration stands
+    at_chance = verdict(_report(0.07, 0.5, 0.06, pool_with_path=0.09))
+    assert at_chance["bigbird_pool_beyond_with_path_above_chance"] is False
+    assert at_chance["demonstrated"] is True
+    no_path = verdict(_report(0.07, 0.5, 0.06, pool_with_path=None))
+    assert no_path["bigbird_pool_beyond_with_path_above_chance"] is None
+    assert no_path["z_above_chance"]["bigbird_pool_beyond_with_path"] is None
+
+
+def test_pool_vs_whole_difference_stderr_and_z():
+    # 400 key tokens each: stderr sqrt(0.3*0.7/400 + 0.4*0.6/400) = 0.0335, z = -0.1/0.0335
+    far = pool_vs_whole(_report(0.07, 0.5, 0.06, pool_beyond=0.3, whole_beyond=0.4))
+    assert far["difference"] == -0.1
+    assert far["stderr"] == 0.0335
+    assert far["z"] == -2.98 and far["pool_matches_whole"] is False
+    # 0.03 apart: z = 0.03 / sqrt(0.33*0.67/400 + 0.30*0.70/400) = 0.91
+    near = pool_vs_whole(_report(0.07, 0.5, 0.06, pool_beyond=0.33, whole_beyond=0.3))
+    assert near["z"] == 0.91 and near["pool_matches_whole"] is True
+    assert near["pool_token_accuracy"] == 0.33 and near["whole_token_accuracy"] == 0.3
+    report = _report(0.07, 0.5, 0.06)
+    report["patterns"]["bigbird_pool"]["accuracy"]["beyond_reach"] = _bucket(None)
+    empty = pool_vs_whole(report)
+    assert empty["difference"] is None and empty["pool_matches_whole"] is None
 
 
 def test_near_fraction_plants_keys_close_to_the_query():

@@ -74,7 +74,9 @@ def test_every_draw_obeys_the_rule(
         if pool:
             assert len(members) <= pool
         else:
-            assert members == [j for j in range(n_blocks) if j not in cfg.global_block_ids(n_blocks)]
+            assert members == [
+                j for j in range(n_blocks) if j not in cfg.global_block_ids(n_blocks)
+            ]
         for row in range(n_blocks):
             drawn = table[slot, row]
             picked = drawn[drawn >= 0].tolist()
