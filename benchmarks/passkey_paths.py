@@ -353,7 +353,7 @@ def pool_vs_whole(report: dict[str, Any], bucket: str = "beyond_reach") -> dict[
     if not pool["samples"] or not whole["samples"]:
         return out
     difference = pool["token_accuracy"] - whole["token_accuracy"]
-    stderr = math.sqrt(pool["stderr"] ** 2 + whole["stderr"] ** 2)
+    stderr = (pool["stderr"] + whole["stderr"])
     out["difference"] = round(difference, 4)
     out["stderr"] = round(stderr, 4)
     if stderr > 0:

@@ -118,6 +118,25 @@ def test_bigbird_traffic_kinds_are_counted(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_pool_traffic_is_counted_as_pool_and_matches_forward_bytes(tmp_path):
+    """With random_pool_blocks the random all-to-all is counted as "pool" (what the wandb
+    comm/pool_bytes metric shows), and equals parallel.show.forward_bytes for every rank."""
+    from model.sparse import SparsityConfig
+    from parallel.show import forward_bytes
+
+    cfg = dict(
+        block_size=cp_cases.BLOCK, window_blocks=3, global_blocks=2, random_blocks=2,
+        random_pool_blocks=8,
+    )  # fmt: skip
+    per_rank = run_ranks(cp_cases.traffic, 4, tmp_path, args=(cfg, 1, 2, 8), timeout=100)
+    for rank, sent in enumerate(per_rank):
+        assert sent["forward"]["random"] == 0, sent
+        assert sent["forward"]["pool"] > 0, sent
+        expected = forward_bytes(SparsityConfig(**cfg), cp_cases.SEQ, 4, rank, 2, 8, layer=2)
+        assert sent["forward"]["pool"] == expected["pool"], (rank, sent, expected)
+
+
+@pytest.mark.timeout(120)
 def test_bad_calls_raise_value_error_on_every_rank(tmp_path):
     per_rank = run_ranks(cp_cases.errors, 2, tmp_path, timeout=60)
     for rank, messages in enumerate(per_rank):

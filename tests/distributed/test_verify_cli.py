@@ -16,15 +16,16 @@ attention:
   window_blocks: 7
   global_blocks: 1
   random_blocks: 2
+  random_pool_blocks: {pool}
   causal: {causal}
 train:
   seq_len: 256
 """
 
 
-def _verify(tmp_path, *extra, causal="false"):
+def _verify(tmp_path, *extra, causal="false", pool=0):
     config = tmp_path / "cfg.yaml"
-    config.write_text(YAML.format(causal=causal))
+    config.write_text(YAML.format(causal=causal, pool=pool))
     return subprocess.run(
         [sys.executable, "-m", "parallel.verify", "--config", str(config), *extra],
         capture_output=True,
@@ -34,8 +35,9 @@ def _verify(tmp_path, *extra, causal="false"):
 
 
 @pytest.mark.timeout(150)
-def test_verify_passes_with_padding_and_global_mask(tmp_path):
-    run = _verify(tmp_path, "--cp", "4", "--padding", "--global-mask", causal="true")
+@pytest.mark.parametrize("pool", [0, 4])
+def test_verify_passes_with_padding_and_global_mask(tmp_path, pool):
+    run = _verify(tmp_path, "--cp", "4", "--padding", "--global-mask", causal="true", pool=pool)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("PASS cp=4 seq_len=256"), run.stdout
 
