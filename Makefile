@@ -31,11 +31,13 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pytest -q -m bench
 	$(BIN)/python -m benchmarks.attention
 	$(BIN)/python -m benchmarks.context_parallel
 	$(BIN)/python -m benchmarks.cp_overlap
 	$(BIN)/python -m benchmarks.data
 	$(BIN)/python -m benchmarks.passkey_paths
+	$(BIN)/python -m benchmarks.cp_scale
 
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache .mypy_cache .ruff_cache

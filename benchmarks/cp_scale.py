@@ -29,8 +29,9 @@ thread per rank (gloo on 127.0.0.1, parallel/local_ranks.py):
    abs error <= 1e-5. The ranks save their slices after the timed steps; one process then
    rebuilds the full inputs from the same per-rank seeds and computes the reference.
 A run whose estimated memory exceeds what the machine has available is skipped and recorded.
-Writes benchmarks/results/cp_scale.json; asserts nothing. Takes about 15 minutes on 2 cores
-(mostly the 8-rank forward+backward at 1M); --quick (N 4096 and 16384, P=4) under a minute.
+Writes benchmarks/results/cp_scale.json; asserts nothing. Takes about 17 minutes on 2 shared
+cores (2026-12-01; mostly the 8-rank forward+backward at 1M, peak ~16 GiB of the machine's RAM
+in all); --quick (N 4096 and 16384, P=4) about a minute on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ TARGETS = {
     "peak_ratio_max": 1.15,
     "exact_max_abs_error": 1e-5,
 }
+BYTES_SEQ_LENS = [16384, 65536, 262144, 2**20]
 ALLGATHER_AT = (262144, 4)  # (N, P) of the all-gather comparison
 # Peak RSS of one rank's forward+backward, in units of one local q slice, plus the process
 # baseline: measured (P=1, 128k: 1.4 GiB for a 64 MiB slice) with a margin, for the guard
@@ -269,15 +271,15 @@ def _spread(samples: list[float]) -> dict[str, float]:
     )
 
 
-def allgather_section(bytes_formula: dict) -> dict:
+def allgather_section() -> dict:
     """At ALLGATHER_AT: all-gather bytes per rank per layer over each variant's worst rank."""
     seq_len, world = ALLGATHER_AT
     baseline = allgather_bytes(seq_len, world)
     out: dict[str, Any] = dict(seq_len=seq_len, world=world, allgather_bytes=baseline)
-    for name, per_world in bytes_formula.items():
-        entry = per_world.get(f"P{world}", {}).get("per_seq_len", {}).get(str(seq_len))
-        if entry is not None:
-            out[name] = dict(bytes=entry["total"], allgather_over_bytes=baseline / entry["total"])
+    for name in [*PATTERNS, *(p + WHOLE for p in PATTERNS)]:
+        worst = max(sum(b.values()) for b in formula_bytes(pattern(name), seq_len, world))
+        out[name] = dict(bytes=worst, allgather_over_bytes=baseline / worst)
+    rank_plan.cache_clear()
     return out
 
 
@@ -290,13 +292,17 @@ def main(argv: list[str] | None = None) -> None:
         "--exact-seq-lens", type=int, nargs="*", default=None,
         help="N (among --seq-lens) checked against one device; default 262144",
     )  # fmt: skip
-    p.add_argument("--bytes-seq-lens", type=int, nargs="+", default=[16384, 65536, 262144, 2**20])
+    p.add_argument(
+        "--bytes-seq-lens", type=int, nargs="+", default=None,
+        help="N of the plan's bytes per rank; default 16384 65536 262144 1048576, quick to 65536",
+    )  # fmt: skip
     p.add_argument("--bytes-worlds", type=int, nargs="+", default=[8, 4])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, < 1 min)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     seq_lens = sorted(a.seq_lens or ([4096, 16384] if a.quick else [65536, 262144, 2**20]))
     world = a.world or (4 if a.quick else 8)
+    bytes_seq_lens = a.bytes_seq_lens or ([4096, 16384, 65536] if a.quick else BYTES_SEQ_LENS)
     exact = a.exact_seq_lens
     if exact is None:
         exact = [max(seq_lens)] if a.quick else [n for n in seq_lens if n == 262144]
@@ -321,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps({"plan_ms": plan_ms}), flush=True)
 
-    bytes_formula = bytes_section(a.bytes_seq_lens, a.bytes_worlds)
+    bytes_formula = bytes_section(bytes_seq_lens, a.bytes_worlds)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     weak: dict[str, dict] = {}
     exactness: dict[str, dict] = {}
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             world=world,
             reps=a.reps,
             exact_seq_lens=exact,
-            bytes_seq_lens=a.bytes_seq_lens,
+            bytes_seq_lens=bytes_seq_lens,
             bytes_worlds=a.bytes_worlds,
             heads=HEADS,
             head_dim=HEAD_DIM,
@@ -378,12 +384,13 @@ def main(argv: list[str] | None = None) -> None:
             mem_available_gib_at_start=round(mem_start / 2**30, 2),
             load_avg_start=load_start,
             load_avg_end=os.getloadavg(),
+            ranks_oversubscribe_cpus=world > (os.cpu_count() or 1),
         ),
         plan_ms=plan_ms,
         runs=runs,
         weak_scaling=weak,
         bytes_formula=bytes_formula,
-        allgather=allgather_section(bytes_formula),
+        allgather=allgather_section(),
         exactness=exactness,
     )
     report["targets"] = targets(report)
