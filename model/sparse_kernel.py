@@ -58,7 +58,10 @@ class KernelPlan:
             return None if t is None else t.to(device, non_blocking=True)
 
         table = BlockTable(
-            move(self.table.index), move(self.table.valid), move(self.table.dilation)
+            move(self.table.index),
+            move(self.table.valid),
+            move(self.table.dilation),
+            self.table.window_entries,
         )
         return KernelPlan(
             table,
@@ -140,6 +143,30 @@ def _scatter_blocks(grad_blocks: torch.Tensor, index: torch.Tensor, values: torc
         flat.index_add_(1, (index + offsets).flatten(), rows)
 
 
+def _gather_kv(kb, vb, rkb, rvb, idx, split: int):
+    """Key/value blocks of the table entries idx [Hx, C, M] -> [B, H, C, M*b, D] each. With a
+    second buffer (rkb / rvb), entries from `split` on index the virtual buffer [kb | rkb]
+    and are read from rkb directly, so kb is never concatenated with it (a full copy)."""
+    if rkb is None:
+        return _gather_blocks(kb, idx), _gather_blocks(vb, idx)
+    win, rand = idx[..., :split], (idx[..., split:] - kb.shape[2]).clamp(min=0)
+    k = torch.cat([_gather_blocks(kb, win), _gather_blocks(rkb, rand)], dim=3)
+    v = torch.cat([_gather_blocks(vb, win), _gather_blocks(rvb, rand)], dim=3)
+    return k, v
+
+
+def _scatter_kv(dk, drk, idx, split: int, values) -> None:
+    """dk (and drk, as in _gather_kv) += values [B, H, C, M*b, D] at the entries idx."""
+    if drk is None:
+        _scatter_blocks(dk, idx, values)
+        return
+    b = dk.shape[3]
+    win_values, rand_values = values.split([split * b, values.shape[3] - split * b], dim=3)
+    _scatter_blocks(dk, idx[..., :split].contiguous(), win_values)
+    rand = (idx[..., split:] - dk.shape[2]).clamp(min=0).contiguous()
+    _scatter_blocks(drk, rand, rand_values)
+
+
 def _chunk_blocked(plan: KernelPlan, c0: int, c1: int) -> torch.Tensor:
     blocked = plan.static_blocked[:, c0:c1].unsqueeze(0)  # [1, Hx, C, b, M*b]
     if plan.sample_blocked is None:
@@ -171,13 +198,22 @@ def _safe(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse.isinf(), 0.0)
 
 
-def _forward(q, k, v, gk, gv, plan: KernelPlan):
+def _blocks(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """[B, H, n*b, D] -> [B, H, n, b, D]."""
+    if x is None:
+        return None
+    batch, heads, n, dim = x.shape
+    return x.view(batch, heads, n // b, b, dim)
+
+
+def _forward(q, k, v, gk, gv, plan: KernelPlan, rk=None, rv=None):
     batch, heads, n_q, dim = q.shape
     b = plan.block
-    nq, nk = n_q // b, k.shape[2] // b
+    nq = n_q // b
     m = plan.table.index.shape[2]
+    split = plan.table.window_entries
     qb = q.view(batch, heads, nq, b, dim)
-    kb, vb = k.view(batch, heads, nk, b, dim), v.view(batch, heads, nk, b, dim)
+    kb, vb, rkb, rvb = (_blocks(t, b) for t in (k, v, rk, rv))
     out = torch.empty_like(qb)
     lse = torch.empty(batch, heads, nq, b, dtype=q.dtype, device=q.device)
     gv5 = gv.unsqueeze(2)
@@ -185,7 +221,7 @@ def _forward(q, k, v, gk, gv, plan: KernelPlan):
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
         idx = plan.table.index[:, c0:c1]
-        kg, vg = _gather_blocks(kb, idx), _gather_blocks(vb, idx)
+        kg, vg = _gather_kv(kb, vb, rkb, rvb, idx, split)
         s, sg = _chunk_scores(qb[:, :, c0:c1] * plan.scale, kg, gk, plan, c0, c1)
         row_max = torch.maximum(s.amax(-1), sg.amax(-1)) if sg.shape[-1] else s.amax(-1)
         row_max = _safe(row_max)
@@ -199,19 +235,22 @@ def _forward(q, k, v, gk, gv, plan: KernelPlan):
     return out.view(batch, heads, n_q, dim), lse.view(batch, heads, n_q)
 
 
-def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan):
+def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan, rk=None, rv=None):
     batch, heads, n_q, dim = q.shape
     b = plan.block
-    nq, nk = n_q // b, k.shape[2] // b
+    nq = n_q // b
     m = plan.table.index.shape[2]
+    split = plan.table.window_entries
     qb = q.view(batch, heads, nq, b, dim)
-    kb, vb = k.view(batch, heads, nk, b, dim), v.view(batch, heads, nk, b, dim)
+    kb, vb, rkb, rvb = (_blocks(t, b) for t in (k, v, rk, rv))
     dob = d_out.reshape(batch, heads, nq, b, dim)
     delta = (dob * out.view(batch, heads, nq, b, dim)).sum(-1)  # [B, H, nq, b]
     lse_b = _safe(lse.view(batch, heads, nq, b))
     dq = torch.empty_like(qb)
     dk = torch.zeros_like(kb)
     dv = torch.zeros_like(vb)
+    drk = None if rkb is None else torch.zeros_like(rkb)
+    drv = None if rvb is None else torch.zeros_like(rvb)
     dgk = torch.zeros_like(gk)
     dgv = torch.zeros_like(gv)
     gv5, gk5 = gv.unsqueeze(2), gk.unsqueeze(2)
@@ -219,7 +258,7 @@ def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan):
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
         idx = plan.table.index[:, c0:c1]
-        kg, vg = _gather_blocks(kb, idx), _gather_blocks(vb, idx)
+        kg, vg = _gather_kv(kb, vb, rkb, rvb, idx, split)
         q_chunk = qb[:, :, c0:c1] * plan.scale
         s, sg = _chunk_scores(q_chunk, kg, gk, plan, c0, c1)
         row_lse = lse_b[:, :, c0:c1].unsqueeze(-1)
@@ -229,8 +268,8 @@ def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan):
         ds = (do @ vg.transpose(-1, -2)).sub_(row_delta).mul_(p)
         dsg = (do @ gv5.transpose(-1, -2)).sub_(row_delta).mul_(pg)
         dq[:, :, c0:c1] = (ds @ kg + dsg @ gk5) * plan.scale
-        _scatter_blocks(dk, idx, ds.transpose(-1, -2) @ q_chunk)
-        _scatter_blocks(dv, idx, p.transpose(-1, -2) @ do)
+        _scatter_kv(dk, drk, idx, split, ds.transpose(-1, -2) @ q_chunk)
+        _scatter_kv(dv, drv, idx, split, p.transpose(-1, -2) @ do)
         rows = (c1 - c0) * b
         dgk += dsg.reshape(batch, heads, rows, -1).transpose(-1, -2) @ q_chunk.reshape(
             batch, heads, rows, dim
@@ -238,31 +277,38 @@ def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan):
         dgv += pg.reshape(batch, heads, rows, -1).transpose(-1, -2) @ do.reshape(
             batch, heads, rows, dim
         )
-    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dgk, dgv
+    d_rand = (None, None) if drk is None else (drk.view_as(rk), drv.view_as(rv))
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dgk, dgv, *d_rand
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gk, gv, plan):  # type: ignore[override]
+    def forward(ctx, q, k, v, gk, gv, plan, rk, rv):  # type: ignore[override]
         q, k, v, gk, gv = (t.contiguous() for t in (q, k, v, gk, gv))
-        out, lse = _forward(q, k, v, gk, gv, plan)
-        ctx.save_for_backward(q, k, v, gk, gv, out, lse)
+        if rk is not None:
+            rk, rv = rk.contiguous(), rv.contiguous()
+        out, lse = _forward(q, k, v, gk, gv, plan, rk, rv)
+        ctx.save_for_backward(q, k, v, gk, gv, out, lse, rk, rv)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):  # type: ignore[override]
-        q, k, v, gk, gv, out, lse = ctx.saved_tensors
-        grads = _backward(q, k, v, gk, gv, out, lse, d_out.contiguous(), ctx.plan)
-        return (*grads, None)
+        q, k, v, gk, gv, out, lse, rk, rv = ctx.saved_tensors
+        grads = _backward(q, k, v, gk, gv, out, lse, d_out.contiguous(), ctx.plan, rk, rv)
+        return (*grads[:5], None, *grads[5:])
 
 
-def block_sparse_attention(q, k, v, gk, gv, plan: KernelPlan):
+def block_sparse_attention(q, k, v, gk, gv, plan: KernelPlan, rk=None, rv=None):
     """Attention of every query of q [B, H, nq*b, D] over its table blocks of the key buffer
     k / v [B, H, nk*b, D] and the global keys gk / gv [B, H, G, D], one softmax over both.
-    Returns (out [B, H, nq*b, D], lse [B, H, nq*b]); differentiable in q, k, v, gk, gv."""
-    return _BlockSparseAttention.apply(q, k, v, gk, gv, plan)
+    With rk / rv [B, H, nr*b, D] the key buffer is [k | rk] (as the table and the plan's key
+    positions index it) and the random entries (from table.window_entries on) read only rk:
+    a small buffer of random blocks need not be concatenated with a large local one.
+    Returns (out [B, H, nq*b, D], lse [B, H, nq*b]); differentiable in q, k, v, gk, gv
+    (and rk, rv)."""
+    return _BlockSparseAttention.apply(q, k, v, gk, gv, plan, rk, rv)
 
 
 def global_query_attention(q_glob, k, v, g_pos, k_pos, key_valid, causal: bool, need_lse=True):

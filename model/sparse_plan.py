@@ -30,6 +30,8 @@ class BlockTable:
     dilation: torch.Tensor
     """long [Hx, 1, M]: a key of the entry is allowed iff (k_pos - q_pos) % dilation == 0
     (the window's dilation; 1 for random entries)."""
+    window_entries: int = 0
+    """The first `window_entries` of the M entries are the window's, the rest random draws."""
 
 
 @dataclass
@@ -56,12 +58,14 @@ def build_block_table(
     q_blocks: torch.Tensor | None = None,
     key_block_slot: torch.Tensor | None = None,
     pattern_blocks: int | None = None,
+    random_block_slot: torch.Tensor | None = None,
 ) -> BlockTable:
     """Table for the query blocks `q_blocks` (global ids; default all) of a `seq_len` sequence.
 
     key_block_slot: long [n_blocks], the buffer slot of each global key block (-1 = absent).
     pattern_blocks: the blocks of the true sequence when `seq_len` includes whole blocks of
     padding (context parallelism pads to cp x block): random draws stay inside it.
+    random_block_slot: a separate slot map for the random entries (default key_block_slot).
     """
     n_blocks = seq_len // cfg.block_size
     if q_blocks is None:
@@ -81,15 +85,17 @@ def build_block_table(
     rand = rand.expand(heads, -1, -1)
     rand_valid = rand >= 0
 
-    blocks = torch.cat([win_blocks, rand], dim=2)
-    valid = torch.cat([win_valid, rand_valid], dim=2)
-    blocks = blocks.clamp(0, n_blocks - 1)
-    if key_block_slot is not None:
-        slots = key_block_slot[blocks]
-        if bool((valid & (slots < 0)).any()):
-            raise RuntimeError("a pattern key block is missing from the key buffer")
-        blocks = slots.clamp(min=0)
     n_win, n_rand = win_blocks.shape[2], rand.shape[2]
+    valid = torch.cat([win_valid, rand_valid], dim=2)
+    if key_block_slot is not None:
+        rand_slot = key_block_slot if random_block_slot is None else random_block_slot
+        win_blocks = key_block_slot[win_blocks.clamp(0, n_blocks - 1)]
+        rand = rand_slot[rand.clamp(0, n_blocks - 1)]
+        if bool((valid & (torch.cat([win_blocks, rand], dim=2) < 0)).any()):
+            raise RuntimeError("a pattern key block is missing from the key buffer")
+    blocks = torch.cat([win_blocks, rand], dim=2).clamp(min=0)
+    if key_block_slot is None:
+        blocks = blocks.clamp(max=n_blocks - 1)
     dil = torch.cat(
         [
             dilations[:heads].view(heads, 1, 1).expand(heads, 1, n_win),
@@ -97,7 +103,9 @@ def build_block_table(
         ],
         dim=2,
     )
-    return BlockTable(index=blocks.contiguous(), valid=valid.contiguous(), dilation=dil)
+    return BlockTable(
+        index=blocks.contiguous(), valid=valid.contiguous(), dilation=dil, window_entries=n_win
+    )
 
 
 def gather_global_positions(

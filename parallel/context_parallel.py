@@ -117,7 +117,7 @@ def cp_sparse_attention(
         wait_halo = None
     q_runs = q_local.split([tokens for tokens, _ in plan.runs], dim=2)
 
-    def run(interior, table, k_buf, v_buf, k_pos):
+    def run(interior, table, k_buf, v_buf, k_pos, rk_buf=None, rv_buf=None):
         q_sel = [q for q, (_, inner) in zip(q_runs, plan.runs, strict=True) if inner == interior]
         q_blocks = plan.interior if interior else plan.boundary
         kplan = make_plan(
@@ -127,15 +127,19 @@ def cp_sparse_attention(
         if q_local.device.type != "cpu":
             kplan = kplan.to(q_local.device)
         q_cat = q_sel[0] if len(q_sel) == 1 else torch.cat(q_sel, dim=2)
-        out = block_sparse_attention(q_cat, k_buf, v_buf, gk, gv, kplan)[0]
+        out = block_sparse_attention(q_cat, k_buf, v_buf, gk, gv, kplan, rk_buf, rv_buf)[0]
         return list(out.split([tokens for tokens, inner in plan.runs if inner == interior], 2))
 
     out_interior: list[torch.Tensor] = []
     if plan.interior.numel():  # overlaps the halo transfer
-        k_buf, v_buf = k_local, v_local
-        if rk.shape[2]:
-            k_buf, v_buf = torch.cat([k_local, rk], dim=2), torch.cat([v_local, rv], dim=2)
-        out_interior = run(True, plan.table_interior, k_buf, v_buf, plan.kpos_interior)
+        rk_buf = rv_buf = None
+        if plan.kpos_interior.numel() > n_local:  # random entries: their own small buffer
+            drawn = plan.random_local.to(k_local.device)
+            rk_buf = torch.cat([rk, k_local.index_select(2, drawn)], dim=2)
+            rv_buf = torch.cat([rv, v_local.index_select(2, drawn)], dim=2)
+        out_interior = run(
+            True, plan.table_interior, k_local, v_local, plan.kpos_interior, rk_buf, rv_buf
+        )
     partial = None
     if n_glob:  # the global queries' softmax over the local keys, also during the transfer
         k_valid_local = None if key_valid is None else key_valid[:, lo : lo + n_local]

@@ -64,7 +64,11 @@ class RankPlan:
     table_boundary: BlockTable | None
     """Table over the boundary buffer (below) for the boundary blocks."""
     kpos_interior: torch.Tensor
-    """long: global token positions of the [local | random] buffer."""
+    """long: global token positions of the interior's virtual buffer [local | random], the
+    random part being [received random blocks | `random_local`]."""
+    random_local: torch.Tensor
+    """long: local token indices of the local blocks the interior's random entries draw
+    (copied into the interior's small random buffer after the received ones)."""
     kpos_boundary: torch.Tensor
     """long: global token positions of the boundary buffer [halo-left | the local blocks the
     boundary blocks read | halo-right | random]."""
@@ -133,9 +137,10 @@ def _random_needs(cfg, n_blocks, world, rank, n_heads, layer, step, npat) -> tor
     return torch.unique(rows[outside])
 
 
-def _slots(n_blocks: int, buffer_blocks: torch.Tensor) -> torch.Tensor:
+def _slots(n_blocks: int, buffer_blocks: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """long [n_blocks]: offset + the place of each block in `buffer_blocks`, -1 if absent."""
     slot = torch.full((n_blocks,), -1, dtype=torch.long)
-    slot[buffer_blocks] = torch.arange(buffer_blocks.numel())
+    slot[buffer_blocks] = torch.arange(buffer_blocks.numel()) + offset
     return slot
 
 
@@ -183,7 +188,13 @@ def rank_plan(
     interior, boundary = local[ok], local[~ok]
 
     left, right = torch.arange(l_lo, l_hi), torch.arange(r_lo, r_hi)
-    buf_interior = torch.cat([local, mine])
+    # The interior reads the local blocks through its window and, through its random entries,
+    # a small second buffer [remote random blocks | the local blocks they draw], so the kernel
+    # never concatenates (copies) the whole local k / v with the random blocks.
+    drawn = rand[:, ok].flatten()
+    random_local = torch.unique(drawn[(drawn >= rank * nl) & (drawn < (rank + 1) * nl)])
+    buf_random = torch.cat([mine, random_local])
+    buf_interior = torch.cat([local, buf_random])
     reads = build_block_table(cfg, seq_len, n_heads, layer, step, boundary, None, npat)
     read = reads.index[reads.valid]
     read_local = torch.unique(read[(read >= rank * nl) & (read < (rank + 1) * nl)])
@@ -191,8 +202,9 @@ def rank_plan(
     t_int = t_bnd = None
     if interior.numel():
         t_int = build_block_table(
-            cfg, seq_len, n_heads, layer, step, interior, _slots(n_blocks, buf_interior), npat
-        )
+            cfg, seq_len, n_heads, layer, step, interior, _slots(n_blocks, local), npat,
+            _slots(n_blocks, buf_random, offset=nl),
+        )  # fmt: skip
     if boundary.numel():
         t_bnd = build_block_table(
             cfg, seq_len, n_heads, layer, step, boundary, _slots(n_blocks, buf_boundary), npat
@@ -219,6 +231,7 @@ def rank_plan(
         table_interior=t_int,
         table_boundary=t_bnd,
         kpos_interior=_blocks_to_tokens(buf_interior, b),
+        random_local=_blocks_to_tokens(random_local - rank * nl, b),
         kpos_boundary=_blocks_to_tokens(buf_boundary, b),
         edge_local=_blocks_to_tokens(edge, b),
         boundary_in_edge=_blocks_to_tokens(torch.searchsorted(edge, near), b),

@@ -2,8 +2,9 @@
 
 python -m pytest -q tests/unit/test_bench_cp_scale.py
 
-Marked `bench` (make bench). No timing is asserted: only the report's structure and the properties that hold at any size
-(exactness against one device, bytes per rank flat in N and equal to the plan's formula).
+Marked `bench` (make bench). No timing is asserted: only the report's structure and the
+properties that hold at any size (exactness against one device, bytes per rank flat in N and
+equal to the plan's formula).
 """
 
 from __future__ import annotations
