@@ -69,6 +69,7 @@ def test_without_overlap_same_result(tmp_path):
     assert not _failures(per_rank), "\n".join(_failures(per_rank))
 
 
+@pytest.mark.bench  # a timing assertion: make bench, not make test
 @pytest.mark.timeout(180)
 def test_overlap_hides_a_slow_halo(tmp_path):
     """benchmarks.cp_overlap: with the peer's halo delayed by rank 0's compute time, overlap

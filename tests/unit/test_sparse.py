@@ -271,6 +271,7 @@ print(status("VmHWM:") - base)
 """
 
 
+@pytest.mark.bench  # measures process memory: make bench, not make test
 def test_peak_memory_grows_linearly():
     import subprocess
     import sys
