@@ -24,7 +24,7 @@ bigbird_pool never spends more and spends a little less (about 6 % at the defaul
 with the step's pool): a causal query block early in the sequence may find fewer than 2 pool
 blocks before its window. The report gives each pattern's pairs averaged over the training
 steps. Defaults: block 16, 256 tokens (16 blocks), 2 layers of width 64, so the window-only
-receptive field is 10 blocks and about a third of the keys lie beyond it; about 12 min on 2
+receptive field is 10 blocks and about a third of the keys lie beyond it; about 10 min on 2
 idle CPU cores.
 
 Task (synthetic, integer tokens): a cyclic filler, a MARKER followed by a `key_len`-token
@@ -258,10 +258,12 @@ def evaluate(
                 t[1] += float(hits[row].mean())
                 t[2] += float(hits[row].all())
     model.train()
-    return {name: _bucket(t[0], t[1], t[2], task.key_len) for name, t in tallies.items()}
+    return {name: summarize_bucket(t[0], t[1], t[2], task.key_len) for name, t in tallies.items()}
 
 
-def _bucket(samples: float, token_hits: float, key_hits: float, key_len: int) -> dict[str, Any]:
+def summarize_bucket(
+    samples: float, token_hits: float, key_hits: float, key_len: int
+) -> dict[str, Any]:
     """A bucket's report from its tallies (None accuracies when it is empty)."""
     n = int(samples)
     if not n:
@@ -353,7 +355,7 @@ def pool_vs_whole(report: dict[str, Any], bucket: str = "beyond_reach") -> dict[
     if not pool["samples"] or not whole["samples"]:
         return out
     difference = pool["token_accuracy"] - whole["token_accuracy"]
-    stderr = (pool["stderr"] + whole["stderr"])
+    stderr = math.sqrt(pool["stderr"] ** 2 + whole["stderr"] ** 2)
     out["difference"] = round(difference, 4)
     out["stderr"] = round(stderr, 4)
     if stderr > 0:

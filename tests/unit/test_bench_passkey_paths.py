@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from benchmarks import passkey_paths
-from benchmarks.passkey_paths import BUCKETS, PasskeyTask, patterns, pool_vs_whole, verdict
+from benchmarks.passkey_paths import (
+    BUCKETS,
+    PasskeyTask,
+    patterns,
+    pool_vs_whole,
+    summarize_bucket,
+    verdict,
+)
 from tests.bench import run_quick
 from train.config import load_config
 
@@ -78,6 +85,20 @@ def test_bigbird_draws_from_the_whole_sequence_whatever_the_demo_config_says(tmp
     assert cfgs["bigbird_pool"].random_blocks == cfgs["bigbird"].random_blocks > 0
     with pytest.raises(ValueError, match="pool_blocks"):
         patterns(16, pool_blocks=0)
+
+
+def test_bucket_stderr_counts_key_tokens_as_trials():
+    # 200 samples of 2 key tokens, 120 token hits: p = 0.3 over 400 trials
+    bucket = summarize_bucket(200, 60.0, 20.0, key_len=2)
+    assert bucket == {
+        "samples": 200,
+        "token_accuracy": 0.3,
+        "stderr": round(math.sqrt(0.3 * 0.7 / 400), 4),
+        "key_accuracy": 0.1,
+    }
+    assert bucket["stderr"] == 0.0229
+    empty = summarize_bucket(0, 0.0, 0.0, key_len=2)
+    assert empty["samples"] == 0 and empty["token_accuracy"] is None and empty["stderr"] is None
 
 
 def _bucket(acc: float | None, samples: int = 200, key_len: int = 2) -> dict:
