@@ -31,6 +31,11 @@ PATTERNS = {
     "multi_hop_halo": (SparsityConfig(8, 9, 0, 0), 128, 8, 1),
     "global_tokens": (SparsityConfig(8, 3, 0, 2, global_tokens=(13, 70)), 128, 4, 1),
     "tiny_block": (SparsityConfig(1, 5, 0, 0, dilation=2), 32, 2, 1),
+    "bigbird_pool": (SparsityConfig(8, 3, 2, 3, random_pool_blocks=8), 256, 4, 2),
+    "causal_pool_per_head": (
+        SparsityConfig(8, 3, 1, 2, causal=True, random_pool_blocks=4, random_per_head=True),
+        256, 4, 2,
+    ),
 }  # fmt: skip
 
 
