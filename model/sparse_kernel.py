@@ -198,10 +198,8 @@ def _safe(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse.isinf(), 0.0)
 
 
-def _blocks(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
+def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
     """[B, H, n*b, D] -> [B, H, n, b, D]."""
-    if x is None:
-        return None
     batch, heads, n, dim = x.shape
     return x.view(batch, heads, n // b, b, dim)
 
@@ -213,7 +211,9 @@ def _forward(q, k, v, gk, gv, plan: KernelPlan, rk=None, rv=None):
     m = plan.table.index.shape[2]
     split = plan.table.window_entries
     qb = q.view(batch, heads, nq, b, dim)
-    kb, vb, rkb, rvb = (_blocks(t, b) for t in (k, v, rk, rv))
+    kb, vb = _blocks(k, b), _blocks(v, b)
+    rkb = None if rk is None else _blocks(rk, b)
+    rvb = None if rv is None else _blocks(rv, b)
     out = torch.empty_like(qb)
     lse = torch.empty(batch, heads, nq, b, dtype=q.dtype, device=q.device)
     gv5 = gv.unsqueeze(2)
@@ -242,15 +242,18 @@ def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan, rk=None, rv=No
     m = plan.table.index.shape[2]
     split = plan.table.window_entries
     qb = q.view(batch, heads, nq, b, dim)
-    kb, vb, rkb, rvb = (_blocks(t, b) for t in (k, v, rk, rv))
+    kb, vb = _blocks(k, b), _blocks(v, b)
+    rkb = None if rk is None else _blocks(rk, b)
+    rvb = None if rv is None else _blocks(rv, b)
     dob = d_out.reshape(batch, heads, nq, b, dim)
     delta = (dob * out.view(batch, heads, nq, b, dim)).sum(-1)  # [B, H, nq, b]
     lse_b = _safe(lse.view(batch, heads, nq, b))
     dq = torch.empty_like(qb)
     dk = torch.zeros_like(kb)
     dv = torch.zeros_like(vb)
-    drk = None if rkb is None else torch.zeros_like(rkb)
-    drv = None if rvb is None else torch.zeros_like(rvb)
+    drk = drv = None
+    if rkb is not None and rvb is not None:
+        drk, drv = torch.zeros_like(rkb), torch.zeros_like(rvb)
     dgk = torch.zeros_like(gk)
     dgv = torch.zeros_like(gv)
     gv5, gk5 = gv.unsqueeze(2), gk.unsqueeze(2)
@@ -277,7 +280,9 @@ def _backward(q, k, v, gk, gv, out, lse, d_out, plan: KernelPlan, rk=None, rv=No
         dgv += pg.reshape(batch, heads, rows, -1).transpose(-1, -2) @ do.reshape(
             batch, heads, rows, dim
         )
-    d_rand = (None, None) if drk is None else (drk.view_as(rk), drv.view_as(rv))
+    d_rand: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    if drk is not None and drv is not None:
+        d_rand = (drk.view_as(rk), drv.view_as(rv))
     return dq.view_as(q), dk.view_as(k), dv.view_as(v), dgk, dgv, *d_rand
 
 
