@@ -74,7 +74,8 @@ def test_quick_benchmark_writes_its_report(tmp_path):
 def test_bigbird_draws_from_the_whole_sequence_whatever_the_demo_config_says(tmp_path, monkeypatch):
     demo = passkey_paths.DEMO_CONFIG.read_text()
     pooled = tmp_path / "demo.yaml"
-    pooled.write_text(demo.replace("attention:\n", "attention:\n  random_pool_blocks: 8\n", 1))
+    assert "  random_pool_blocks: 0\n" in demo  # the recipe states BigBird's whole-sequence draw
+    pooled.write_text(demo.replace("  random_pool_blocks: 0\n", "  random_pool_blocks: 8\n", 1))
     assert load_config(pooled).attention.random_pool_blocks == 8  # the file does ask for a pool
     monkeypatch.setattr(passkey_paths, "DEMO_CONFIG", pooled)
     cfgs = patterns(16, pool_blocks=5)
