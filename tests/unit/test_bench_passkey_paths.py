@@ -1,6 +1,7 @@
-"""The passkey-paths benchmark runs end to end (quick mode) and writes a consistent JSON report.
+"""The passkey-paths benchmark: its helpers (verdict, standard errors, the patterns) here; its
+quick run end to end under the `bench` marker (make bench).
 
-python -m pytest -q tests/unit/test_bench_passkey_paths.py
+python -m pytest -q tests/unit/test_bench_passkey_paths.py [-m bench]
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from train.config import load_config
 PATTERNS = {"window", "bigbird", "bigbird_pool"}
 
 
+def _causal_window_pairs(seq_len: int, block: int, window_blocks: int) -> int:
+    """Attended pairs of a causal block window, counted key by key (independent of the code)."""
+    return sum(
+        1 for i in range(seq_len) for j in range(i + 1) if i // block - j // block < window_blocks
+    )
+
+
+@pytest.mark.bench
 def test_quick_benchmark_writes_its_report(tmp_path):
     out = tmp_path / "passkey_paths.json"
     report = run_quick("passkey_paths", out, 180, "--pool-blocks", "3")
@@ -38,12 +47,15 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     # the pool changes only the candidates of the random draw
     without_pool = {**runs["bigbird_pool"]["pattern"], "random_pool_blocks": 0}
     assert without_pool == runs["bigbird"]["pattern"]
+    settings, model = report["settings"], report["settings"]["model"]
+    per_head = _causal_window_pairs(
+        settings["task"]["seq_len"],
+        settings["block_size"],
+        runs["window"]["pattern"]["window_blocks"],
+    )
+    assert pairs["window"] == per_head * model["n_layers"] * model["n_heads"]
     assert pairs["bigbird"] == pairs["window"]  # the same budget, to the pair
     assert 0.8 * pairs["bigbird"] < pairs["bigbird_pool"] <= pairs["bigbird"]
-    assert report["budget"]["ratio_bigbird_to_window"] == 1.0
-    assert report["budget"]["ratio_bigbird_pool_to_window"] == round(
-        pairs["bigbird_pool"] / pairs["window"], 4
-    )
     key_len = report["settings"]["task"]["key_len"]
     for name, run in runs.items():
         assert run["attention_pairs"] == pairs[name]
@@ -67,8 +79,6 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     assert len(set(reach_samples.values())) == 1
     # a window-only model has no path beyond its reach
     assert runs["window"]["accuracy"]["beyond_with_path"]["samples"] == 0
-    assert report["verdict"] == verdict(report)
-    assert report["pool_vs_whole"] == pool_vs_whole(report)
 
 
 def test_bigbird_draws_from_the_whole_sequence_whatever_the_demo_config_says(tmp_path, monkeypatch):

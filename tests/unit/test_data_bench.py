@@ -1,11 +1,16 @@
 """The data benchmark runs end to end (quick mode) and writes a consistent JSON report.
+A benchmark run: `bench` marker (make bench).
 
-Run:  pytest tests/unit/test_data_bench.py -q
+Run:  pytest -m bench tests/unit/test_data_bench.py -q
 """
 
 from __future__ import annotations
 
+import pytest
+
 from tests.bench import run_quick
+
+pytestmark = pytest.mark.bench
 
 
 def test_quick_data_benchmark_writes_its_report(tmp_path):
@@ -24,4 +29,3 @@ def test_quick_data_benchmark_writes_its_report(tmp_path):
     ]
     assert all(r["batches"] > 0 and r["tokens_per_s"] > 0 for r in loader)
     assert report["loader_tokens_per_s_per_process"] == loader[0]["tokens_per_s"]
-    assert report["meets_target"] == (loader[0]["tokens_per_s"] >= 1_000_000)
