@@ -13,7 +13,7 @@ parallelism and Megatron tensor parallelism, behind `Engine`.
 Selected with `train.engine: deepspeed`; the recipe's `deepspeed:` section is `DeepSpeedArgs`
 (train/deepspeed_config.py, with the config dict it generates).
 The model is the single-device `Transformer` for tp = 1, or for tp > 1 this tp rank's
-model.parallel_transformer.ParallelTransformer (Megatron-core column / row / vocab-parallel
+parallel.parallel_transformer.ParallelTransformer (Megatron-core column / row / vocab-parallel
 layers, weights sliced from the same seed's Transformer, vocab-parallel cross entropy); its
 attention is `cp_sparse_attention` over the cp group (plain `sparse_attention` for cp = 1).
 It is wrapped by `deepspeed.initialize` with torch's AdamW (same parameter groups as
@@ -75,8 +75,8 @@ from train.engine import (
 from train.preemption import injected_nan
 
 if TYPE_CHECKING:
-    from model.parallel_transformer import ParallelTransformer
     from parallel.layout import Layout, ParallelGroups
+    from parallel.parallel_transformer import ParallelTransformer
 
 __all__ = ["DeepSpeedEngine"]
 
@@ -249,8 +249,8 @@ class DeepSpeedEngine:
                 model_args, attn_cfg, attention_fn=attention_fn, seed=seed
             )
             return module.to(self.device)
-        from model.parallel_transformer import ParallelTransformer
         from parallel.megatron_shims import apply_cpu_shims
+        from parallel.parallel_transformer import ParallelTransformer
 
         apply_cpu_shims()
         self.stage = ParallelTransformer(
@@ -277,7 +277,7 @@ class DeepSpeedEngine:
         logits = self.ds(batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"))
         if self.stage is None:
             return lm_loss(logits, batch["labels"], batch["loss_mask"])
-        from model.parallel_transformer import parallel_lm_loss
+        from parallel.parallel_transformer import parallel_lm_loss
 
         return parallel_lm_loss(logits, batch["labels"], batch["loss_mask"], self.stage)
 
@@ -407,7 +407,7 @@ class DeepSpeedEngine:
             local = {k: v.detach().clone().float() for k, v in self.model.named_parameters()}
         if self.stage is None:
             return local
-        from model.parallel_transformer import unshard_param
+        from parallel.parallel_transformer import unshard_param
 
         tp_group = self.groups.tp
         full = {}

@@ -6,7 +6,7 @@
                             total_steps=cfg.train.steps, seed=cfg.train.seed)
     stats = engine.train_step(micro_batches, step)   # this data-parallel rank's full sequences
 
-The stage (model.parallel_transformer) is wrapped in Megatron-core's DistributedDataParallel
+The stage (parallel.parallel_transformer) is wrapped in Megatron-core's DistributedDataParallel
 (contiguous fp32 gradient buffers) and stepped by its DistributedOptimizer (AdamW on this data
 rank's shard of the parameters, then an all-gather), or its plain data-parallel optimizer with
 `distributed_optimizer=False`. A step: shard every micro-batch along the sequence for this cp
@@ -27,7 +27,7 @@ Switches:
   part of `state_dict`, so a resume continues exactly.
 - `model.recompute`: every block is an activation checkpoint (model.transformer.run_blocks).
 - `parallel.sequence_parallel` (`layout.sequence_parallel`): Megatron's tensor-parallel
-  sequence parallelism, wired in the stage (model.parallel_transformer): activations outside
+  sequence parallelism, wired in the stage (parallel.parallel_transformer): activations outside
   the tp regions are split along the sequence over tp, the pipeline sends [n/tp, b, c] and
   finalize_model_grads sums the norms' gradients over tp. Same result as without it (parity
   tested with tp, tp x cp, tp x pp); the parameter shards are the same either way. It
@@ -54,11 +54,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from torch import nn
 
-from model.parallel_transformer import ParallelTransformer, parallel_lm_loss
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
 from parallel.layout import Layout, ParallelGroups, shard_sequence
 from parallel.megatron_shims import apply_cpu_shims, cuda_typed_parameters
+from parallel.parallel_transformer import ParallelTransformer, parallel_lm_loss
 from parallel.traffic import TrafficCounter
 from train.engine import (
     Engine,

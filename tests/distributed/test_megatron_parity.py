@@ -23,7 +23,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.parallel_transformer import shard_param, unshard_param
 from model.transformer import Transformer
 from parallel.megatron_shims import (
     SHIMMED_MODULES,
@@ -31,6 +30,7 @@ from parallel.megatron_shims import (
     apply_cpu_shims,
     cuda_typed_parameters,
 )
+from parallel.parallel_transformer import shard_param, unshard_param
 from tests.distributed import megatron_cases as mc
 from tests.distributed.harness import run_ranks
 

@@ -1,6 +1,6 @@
 """The transformer with Megatron-core tensor-parallel layers, one pipeline stage per module.
 
-    from model.parallel_transformer import MegatronLinears, ParallelTransformer, parallel_lm_loss
+    from parallel.parallel_transformer import MegatronLinears, ParallelTransformer, parallel_lm_loss
     stage = ParallelTransformer(args, attn_cfg, layout, groups, seed=0)  # = Transformer(seed=0)
     logits_local = stage(tokens_bn, position_ids_bn, step=0)       # last stage: [b, n, V/tp]
     loss_sum, n_tokens = parallel_lm_loss(logits_local, labels_bn, loss_mask_bn, stage)
