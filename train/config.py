@@ -376,12 +376,47 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, so `random_pool_blocks: 8` above an existing `random_pool_blocks: 0` would do
+    nothing)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ValueError(
+                    f"{self.name}, line {line}: key {key!r} is given twice in one section "
+                    f"(first at line {seen[key]}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file's values; malformed YAML or a repeated key raises a one-sentence
+    ValueError naming the file and line."""
+    with open(path) as f:
+        try:
+            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = e.problem or e.context or "not valid YAML"
+            tab = "\\t" in problem  # pyyaml writes the tab it found as \t
+            hint = " (YAML indents with spaces, not tabs)" if tab else ""
+            raise ValueError(f"{path}{where}: {problem}{hint}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML recipe (or start from defaults with None) and apply dot-list overrides."""
     values: Any = {}
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
     return config_from_dict(_merge(values, parse_overrides(overrides)))

@@ -182,3 +182,43 @@ def test_wandb_mode_resolution(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto") == "disabled"
     assert resolve_wandb_mode("offline") == "offline"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model:\n\tvocab_size: 512\n", ["line 2, column 1", "spaces, not tabs"]),
+        ("model: [1, 2\n", ["line 2", "expected ','"]),
+        ("model:\n  vocab_size: 512\n   d_model: 64\n", ["line 3", "mapping values"]),
+        (
+            "attention:\n  random_blocks: 2\n  random_pool_blocks: 8\n  random_blocks: 3\n",
+            ["line 4", "'random_blocks' is given twice", "first at line 2"],
+        ),
+    ],
+)
+def test_malformed_yaml_is_one_sentence_naming_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    for part in expected:
+        assert part in message, message
+
+
+def test_train_cli_refuses_malformed_yaml_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n\tvocab_size: 512\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert f"error: {path}, line 2, column 1:" in run.stderr, run.stderr
