@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.sparse import SparsityConfig, reference_attention, sparse_attention
+from tests.tensor_probe import LargestTensor
 
 PATTERNS = {
     "window": dict(window_blocks=3, global_blocks=0, random_blocks=0),
@@ -207,19 +208,6 @@ def test_random_configurations_match_dense(
     assert max(errors.values()) < 1e-10, errors
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _largest_tensor(seq_len, causal):
     cfg = SparsityConfig(
         block_size=64,
@@ -231,7 +219,7 @@ def _largest_tensor(seq_len, causal):
     q, k, v = (torch.randn(1, 2, seq_len, 16, requires_grad=True) for _ in range(3))
     padding = torch.zeros(1, seq_len, dtype=torch.bool)
     padding[0, -10:] = True
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         out = sparse_attention(q, k, v, cfg, padding_mask=padding)
         out.sum().backward()
     return probe.largest

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from model.sparse import SparsityConfig
 from model.sparse_random import choose_distinct, hash32
+from tests.tensor_probe import LargestTensor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,19 +208,6 @@ def test_choose_distinct_handles_short_rows():
     assert abs(float(h.double().mean()) / 2**32 - 0.5) < 0.01  # 32-bit values, centred
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("pool", [0, 32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_planning_at_a_million_tokens_is_o_local(pool, causal):
@@ -233,7 +221,7 @@ def test_planning_at_a_million_tokens_is_o_local(pool, causal):
         causal=causal, random_pool_blocks=pool,
     )  # fmt: skip
     seq_len, world = 1 << 20, 8
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         plan = rank_plan.__wrapped__(cfg, seq_len, world, 3, 2, 0, 0)
     assert plan.interior.numel() + plan.boundary.numel() == 2048
     local = seq_len // world
