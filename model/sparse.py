@@ -37,7 +37,13 @@ from model.sparse_kernel import block_sparse_attention, global_query_attention, 
 from model.sparse_plan import build_block_table, gather_global_positions
 from model.sparse_random import draw_rows, pool_blocks
 
-__all__ = ["SparsityConfig", "sparse_attention", "dense_attention", "reference_attention"]
+__all__ = [
+    "SparsityConfig",
+    "sparse_attention",
+    "dense_attention",
+    "reference_attention",
+    "pad_masks",
+]
 
 
 def _as_int_tuple(value: object, name: str) -> tuple[int, ...] | None:
@@ -223,6 +229,11 @@ class SparsityConfig:
         only the rows it asks for, identically on every rank."""
         rows = rows.to(torch.long)
         r = self.random_blocks
+        # Global query blocks see every key already; rows past the sequence are padding.
+        skip = torch.ones(n_blocks + 1, dtype=torch.bool)
+        skip[:n_blocks] = False
+        skip[self.global_block_ids(n_blocks)] = True
+        skip_rows = skip[rows.clamp(max=n_blocks)].view(-1, 1)
         tables = []
         for head, dilation in self.draw_heads(n_heads):
             if r == 0:
@@ -236,11 +247,7 @@ class SparsityConfig:
             )
             pool = self.random_pool(n_blocks, layer, step, head)
             picks = draw_rows(self.draw_seed(step, layer, head), rows, pool, lo, hi, r)
-            # Global query blocks see every key already; rows past the sequence are padding.
-            skip = torch.ones(n_blocks + 1, dtype=torch.bool)
-            skip[:n_blocks] = False
-            skip[self.global_block_ids(n_blocks)] = True
-            tables.append(picks.masked_fill(skip[rows.clamp(max=n_blocks)].view(-1, 1), -1))
+            tables.append(picks.masked_fill(skip_rows, -1))
         return torch.stack(tables)
 
     def random_table(self, seq_len: int, n_heads: int, layer: int = 0, step: int = 0):
@@ -378,13 +385,8 @@ def sparse_attention(
     padded_len = cfg.n_blocks(seq_len) * cfg.block_size
     if padded_len != seq_len:
         # The last block is partial: pad it with keys nobody may attend, drop the pad queries.
-        pad = padded_len - seq_len
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        if padding_mask is None:
-            padding_mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=q.device)
-        padding_mask = F.pad(padding_mask.bool(), (0, pad), value=True)
-        if global_mask is not None:
-            global_mask = F.pad(global_mask.bool(), (0, pad), value=False)
+        q, k, v = (F.pad(t, (0, 0, 0, padded_len - seq_len)) for t in (q, k, v))
+        padding_mask, global_mask = pad_masks(padding_mask, global_mask, seq_len, padded_len, batch)
         out = sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask, backend)
         return out[:, :, :seq_len]
     if backend == "flex" or (backend == "auto" and q.is_cuda):
@@ -422,6 +424,24 @@ def sparse_attention(
         q_glob, k, v, glob.positions, positions, key_valid, cfg.causal, need_lse=False
     )
     return _scatter_rows(out, g_out, glob.positions, glob.valid)
+
+
+def pad_masks(
+    padding_mask: torch.Tensor | None,
+    global_mask: torch.Tensor | None,
+    true_len: int,
+    padded_len: int,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The [batch, true_len] (or already [batch, padded_len]) masks of a sequence padded to
+    `padded_len`: the keys past `true_len` are padding, and none of them is global."""
+    pad = padded_len - true_len
+    if padding_mask is None:
+        padding_mask = torch.zeros(batch, true_len, dtype=torch.bool)
+    padding_mask = F.pad(padding_mask.bool()[:, :true_len], (0, pad), value=True)
+    if global_mask is not None:
+        global_mask = F.pad(global_mask.bool()[:, :true_len], (0, pad))
+    return padding_mask, global_mask
 
 
 def _gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,8 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from model.sparse import SparsityConfig
+from model.sparse import SparsityConfig, pad_masks
 from model.sparse_kernel import block_sparse_attention, make_plan
 from model.sparse_plan import GlobalSet, gather_global_positions
 from parallel.cp_check import check_call, describe, local_problem
@@ -181,14 +180,7 @@ def _pad_masks(padding_mask, global_mask, pattern_len: int, padded_len: int):
         if m is not None and m.shape[-1] not in (pattern_len, padded_len):
             return padding_mask, global_mask  # local_problem names the bad shape
     batch = next((m.shape[0] for m in (padding_mask, global_mask) if m is not None), 1)
-    if padding_mask is None:
-        padding_mask = torch.zeros(batch, pattern_len, dtype=torch.bool)
-    padding_mask = F.pad(
-        padding_mask.bool()[:, :pattern_len], (0, padded_len - pattern_len), value=True
-    )
-    if global_mask is not None:
-        global_mask = F.pad(global_mask.bool()[:, :pattern_len], (0, padded_len - pattern_len))
-    return padding_mask, global_mask
+    return pad_masks(padding_mask, global_mask, pattern_len, padded_len, batch)
 
 
 def _tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
