@@ -90,6 +90,18 @@ def allgather_attention(q, k, v, cfg: SparsityConfig, rank: int, world: int) -> 
     return out
 
 
+def timed_steps(step, reps: int, world: int) -> list[float]:
+    """Seconds of `reps` calls of step(None), the ranks starting each one together."""
+    times = []
+    for _ in range(reps):
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        step(None)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def bench_rank(rank: int, world: int, method: str, seq_len: int, reps: int, random_blocks: int):
     if world > 1:
         dist.barrier()  # every rank past the process-group setup
@@ -112,13 +124,7 @@ def bench_rank(rank: int, world: int, method: str, seq_len: int, reps: int, rand
         out.backward(grad)
 
     step(counter)  # warm-up, and the traffic of one layer
-    times = []
-    for _ in range(reps):
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        step(None)
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(step, reps, world)
     if method == "allgather":
         kv_bytes = 2 * BATCH * HEADS * seq_len * HEAD_DIM * 4
         for direction in ("forward", "backward"):

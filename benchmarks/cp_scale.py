@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from benchmarks.context_parallel import timed_steps
 from model.sparse import SparsityConfig, sparse_attention
 from parallel.context_parallel import cp_sparse_attention
 from parallel.cp_plan import rank_plan
@@ -151,13 +152,7 @@ def bench_rank(rank: int, world: int, name: str, seq_len: int, reps: int, save_d
         return out
 
     step(counter)  # warm-up (plan, allocator) and the traffic of one layer
-    times = []
-    for _ in range(reps):
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        step(None)
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(step, reps, world)
     peak = peak_kib(can_reset) * 1024
     if save_dir is not None:
         q.grad = k.grad = v.grad = None
