@@ -38,6 +38,8 @@ def _records(path: Path) -> Iterator[bytes]:
         if kind == 0 and length == 0:  # zero padding up to the block's end
             pos += left
             continue
+        if pos + _HEADER + length > len(data):  # the core is still writing this record
+            return
         parts.append(data[pos + _HEADER : pos + _HEADER + length])
         pos += _HEADER + length
         if kind in (_FULL, _LAST):
@@ -47,10 +49,19 @@ def _records(path: Path) -> Iterator[bytes]:
 
 def wandb_history(path: Path, last_step: int | None = None, wait_s: float = 30.0) -> list[dict]:
     """The history rows of `path`; with `last_step`, once a row of that step is written."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + wait_s
     while True:
-        rows = _read_history(path)
-        if last_step is None or any(r.get("_step") == last_step for r in rows):
+        try:
+            rows: list[dict] | None = _read_history(path)
+        except DecodeError:  # a record caught half written; read again
+            if time.monotonic() > deadline:
+                raise
+            rows = None
+        if rows is not None and (
+            last_step is None or any(r.get("_step") == last_step for r in rows)
+        ):
             return rows
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} has no history row of step {last_step}")
