@@ -21,10 +21,20 @@ import os
 import sys
 
 from parallel.collective_timeout import CollectiveTimeout
-from train.config import load_config
+from train.config import device_refusal, load_config
 from train.engine import NonFiniteLossError
 from train.loop import train
 from train.run_setup import RESUME_MODES
+
+
+def _bare_resume(argv: list[str]) -> list[str]:
+    """`--resume section.key=value` is a bare --resume, then an override: `--resume=yes` keeps
+    the override in its place among the others (the later of two values for a key wins)."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--resume" and "=" in out[i + 1] and not out[i + 1].startswith("-"):
+            out[i] = "--resume=yes"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,20 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank=N (the rank also comes in LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(_bare_resume(sys.argv[1:] if argv is None else argv))
     if args.resume not in RESUME_MODES:
-        if "=" not in args.resume:  # `--resume train.steps=9` is a bare --resume, then an override
-            parser.error(
-                f"argument --resume: invalid choice: {args.resume!r} "
-                f"(choose from {', '.join(RESUME_MODES)})"
-            )
-        args.overrides.insert(0, args.resume)
-        args.resume = "yes"
+        parser.error(
+            f"argument --resume: invalid choice: {args.resume!r} "
+            f"(choose from {', '.join(RESUME_MODES)})"
+        )
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         cfg = load_config(args.config, args.overrides)
+        if (reason := device_refusal(cfg.train.device)) is not None:  # before any process group
+            raise ValueError(reason)
         result = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

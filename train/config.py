@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from data.loader import DataArgs
@@ -44,6 +45,7 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "parse_overrides",
+    "device_refusal",
 ]
 
 
@@ -93,6 +95,18 @@ class TrainArgs:
             raise ValueError(f"train.device={self.device!r} must be auto, cpu or cuda")
         if self.engine not in ENGINES:
             raise ValueError(f"train.engine={self.engine!r} must be one of {', '.join(ENGINES)}")
+
+
+def device_refusal(device: str) -> str | None:
+    """Why train.device cannot run in this process (None: it can). Not a load-time check: a
+    config written on a GPU machine still loads on a CPU one (export, planning tools)."""
+    if device != "cuda" or torch.cuda.is_available():
+        return None
+    why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+    return (
+        f"train.device=cuda but this torch ({torch.__version__}) {why}; set train.device=cpu "
+        "(or auto), or run where a GPU is visible"
+    )
 
 
 @dataclass

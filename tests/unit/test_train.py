@@ -151,6 +151,25 @@ def test_bare_resume_before_overrides(data_dir, tmp_path, wandb_env, capsys):
         main(["--resume", "sometimes", *args])
 
 
+def test_overrides_before_and_after_resume(data_dir, tmp_path, wandb_env, capsys):
+    """Overrides go anywhere on the command line, in order: the later value of a key wins."""
+    args = [*TINY, f"data.path={data_dir}", f"train.run_dir={tmp_path / 'run'}"]
+    assert main([*args, "train.steps=2"]) == 0
+    assert main([*args, "train.steps=9", "--resume", "yes", "train.steps=3"]) == 0
+    assert "steps 3 (this run 1)" in capsys.readouterr().out
+    assert main([*args[:3], "--resume", "train.steps=4", *args[3:]]) == 0
+    assert "steps 4 (this run 1)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable CUDA")
+def test_cuda_device_without_cuda_is_one_sentence(tmp_path, capsys):
+    """Refused before the data, the model or any process group: data.path does not exist."""
+    code = main([f"data.path={tmp_path / 'nowhere'}", "train.device=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: train.device=cuda but this torch") and "device=cpu" in err
+
+
 def test_fresh_start_refuses_existing_checkpoints(data_dir, tmp_path, wandb_env):
     run_dir = tmp_path / "run"
     manager = CheckpointManager(CheckpointArgs(), run_dir)
