@@ -52,6 +52,7 @@ __all__ = [
     "TrainStream",
     "build_train_stream",
     "build_val_batches",
+    "check_train_shards",
     "merge_rank_states",
     "read_manifest",
 ]
@@ -120,6 +121,28 @@ def _check_shape(seq_len: int, micro_batch_size: int) -> None:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
 
 
+def check_train_shards(args: DataArgs) -> None:
+    """FileNotFoundError naming data.train_shards when its local shards cannot exist: their
+    directory is missing, or not one of them is there (a few missing ones are bad data, skipped
+    and counted by the stream). Remote URLs and pipes are not checked."""
+    if not args.train_shards:
+        return
+    urls = expand_shard_urls(args.train_shards)
+    paths = [u.removeprefix("file:") for u in urls]
+    local = [Path(p) for p in paths if "://" not in p and not p.startswith("pipe:")]
+    for path in local:
+        if not path.parent.is_dir():
+            raise FileNotFoundError(
+                f"data.train_shards={args.train_shards!r} names the directory {path.parent}, "
+                "which does not exist"
+            )
+    if local and len(local) == len(urls) and not any(path.is_file() for path in local):
+        raise FileNotFoundError(
+            f"data.train_shards={args.train_shards!r}: none of its {len(urls)} shards exists "
+            f"(the first would be {local[0]})"
+        )
+
+
 def mask_token_id(args: DataArgs, root: Path, manifest: dict) -> int:
     """The id of ``args.mask_token`` in the prepared tokenizer (mlm only); -1 for clm."""
     if args.objective != "mlm":
@@ -165,6 +188,7 @@ class TrainStream:
         self.token_format = self.manifest["token_format"]
         listed = self.manifest["splits"]["train"]["shards"]
         if args.train_shards:
+            check_train_shards(args)
             urls = expand_shard_urls(args.train_shards)
             by_name = {s["file"]: s["docs"] for s in listed}
             expected = [by_name.get(u.rsplit("/", 1)[-1]) for u in urls]

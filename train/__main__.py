@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from data.loader import check_train_shards
 from parallel.collective_timeout import CollectiveTimeout
 from train.config import device_refusal, load_config
 from train.engine import NonFiniteLossError
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if (reason := device_refusal(cfg.train.device)) is not None:  # before any process group
             raise ValueError(reason)
+        check_train_shards(cfg.data)  # before the model is built (the stream checks it too)
         result = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 from dataclasses import replace
 from itertools import islice
@@ -181,3 +182,21 @@ def test_val_batches_skip_a_damaged_shard(damaged, caplog):
     expected = _expected_stream([_doc(i) for i in (20, 21, 22)])
     assert np.array_equal(labels[mask], expected[1:])
     assert "val-000001.tar" in caplog.text
+
+
+def test_shard_pattern_that_cannot_exist_is_refused_naming_the_key(damaged):
+    root, _ = damaged
+    for pattern, says in (
+        (f"{root}/gone/train-{{000000..000003}}.tar", f"directory {root}/gone, which does not"),
+        (f"{root}/val-{{000007..000009}}.tar", "none of its 3 shards exists"),
+    ):
+        with pytest.raises(FileNotFoundError, match=r"^data\.train_shards=.*" + re.escape(says)):
+            build_train_stream(DataArgs(path=str(root), train_shards=pattern), 4, 1)
+    # Some shards there: the missing ones are bad data, skipped and counted by the stream.
+    pattern = f"file:{root}/train-{{000005..000008}}.tar"
+    args = DataArgs(path=str(root), train_shards=pattern, shuffle_shards=False)
+    stream = build_train_stream(args, 4, 1)
+    batches = iter(stream)
+    while stream.epoch == 0:
+        next(batches)
+    assert stream.stats()["skipped_shards"] == 2  # train-000007.tar and train-000008.tar
