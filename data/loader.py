@@ -395,7 +395,7 @@ def build_val_batches(
 
     for shard in shards:
         url = str(root / shard["file"])
-        contents = load_shard(url, manifest["token_format"])
+        contents = load_shard(url, manifest["token_format"], tok["vocab_size"])
         problems = [f"sample {k}: {why}" for k, why in contents.bad_samples]
         n_read = len(contents.samples) + len(contents.bad_samples)
         error = contents.error

@@ -131,13 +131,16 @@ def write_shard(
     return writer.shards[0]
 
 
-def read_shard(path: str | os.PathLike, token_format: str) -> Iterator[ShardSample]:
-    """Samples of one shard, in file order, read with webdataset; damaged data raises.
+def read_shard(
+    path: str | os.PathLike, token_format: str, vocab_size: int | None = None
+) -> Iterator[ShardSample]:
+    """Samples of one shard, in file order, read with webdataset; damaged data (with
+    `vocab_size`: a token id outside the vocabulary too) raises.
 
     Splitting by node/worker and shard shuffling are the loader's job (it needs them to be
     deterministic and resumable), so webdataset's own splitters are switched off here.
     """
-    contents = load_shard(str(path), token_format)
+    contents = load_shard(str(path), token_format, vocab_size)
     if contents.error is not None:
         raise ValueError(f"{path}: {contents.error}")
     if contents.bad_samples:
@@ -160,8 +163,10 @@ def expand_shard_urls(pattern: str) -> list[str]:
     return list(wds.shardlists.expand_urls(pattern))
 
 
-def decode_sample(sample: dict, token_format: str) -> ShardSample:
-    """One webdataset sample dict -> ShardSample; ValueError says what is wrong with it."""
+def decode_sample(sample: dict, token_format: str, vocab_size: int | None = None) -> ShardSample:
+    """One webdataset sample dict -> ShardSample; ValueError says what is wrong with it. With
+    `vocab_size`, a token id outside [0, vocab_size) is wrong too: flipped bytes in the token
+    data pass the tar reader, and would otherwise index past the embedding."""
     ext = f"tokens.{token_format}"
     if ext not in sample:
         other = sorted(k for k in sample if not k.startswith("__"))
@@ -181,12 +186,21 @@ def decode_sample(sample: dict, token_format: str) -> ShardSample:
         raise ValueError("meta.json is not a JSON object")
     if meta.get("n_tokens", len(tokens)) != len(tokens):
         raise ValueError(f"meta.json says {meta['n_tokens']} tokens, {ext} holds {len(tokens)}")
+    if vocab_size is not None:
+        outside = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+        if len(outside):
+            raise ValueError(
+                f"{len(outside)} token ids outside the vocabulary of {vocab_size} (the first, "
+                f"{int(tokens[outside[0]])}, at position {int(outside[0])}): corrupt bytes"
+            )
     return ShardSample(key=sample["__key__"], tokens=tokens, meta=meta)
 
 
-def load_shard(url: str, token_format: str) -> ShardContents:
+def load_shard(url: str, token_format: str, vocab_size: int | None = None) -> ShardContents:
     """Read one whole shard (a path or any webdataset URL, e.g. ``pipe:cat x.tar``), never raising
-    for damaged data: a truncated or corrupt tar ends the read and is reported in ``error``."""
+    for damaged data: a truncated or corrupt tar ends the read and is reported in ``error``, an
+    undecodable sample (with `vocab_size`: one holding an id outside the vocabulary) in
+    ``bad_samples``."""
     errors: list[Exception] = []
 
     def stop(exn: Exception) -> bool:
@@ -198,7 +212,7 @@ def load_shard(url: str, token_format: str) -> ShardContents:
     try:
         for raw in raw_samples:
             try:
-                samples.append(decode_sample(raw, token_format))
+                samples.append(decode_sample(raw, token_format, vocab_size))
             except ValueError as e:
                 bad.append((str(raw.get("__key__")), str(e)))
     except Exception as e:  # noqa: BLE001 - any failure of the tar reader is a damaged shard

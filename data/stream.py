@@ -26,7 +26,8 @@ documents reproduces the stream exactly; no token buffer or generator state is s
 
 Bad data (``bad_data="skip"``): a shard whose tar cannot be read to its end (truncated, corrupt,
 missing, or holding fewer samples than the manifest lists) is skipped whole; an undecodable
-sample and an empty document are skipped. Each is logged as a warning and counted. With
+sample (one holding a token id outside the vocabulary included: flipped bytes in its token data)
+and an empty document are skipped. Each is logged as a warning and counted. With
 ``bad_data="fail"`` the first one raises BadDataError. A reader whose whole epoch yields no
 document raises instead of spinning.
 """
@@ -138,7 +139,7 @@ class ReaderStream:
         first time this reader opens it in this epoch)."""
         spec, st = self.spec, self.state
         url = spec.urls[shard]
-        contents = load_shard(url, spec.token_format)
+        contents = load_shard(url, spec.token_format, spec.vocab_size)
         error = contents.error
         expected = spec.expected_docs[shard]
         n_read = len(contents.samples) + len(contents.bad_samples)

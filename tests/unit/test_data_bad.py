@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import tarfile
 from dataclasses import replace
 from itertools import islice
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from data.loader import DataArgs, build_train_stream, build_val_batches
+from data.shards import read_shard
 from data.stream import BadDataError
 
 EOS, PAD = 2, 3
@@ -200,3 +202,33 @@ def test_shard_pattern_that_cannot_exist_is_refused_naming_the_key(damaged):
     while stream.epoch == 0:
         next(batches)
     assert stream.stats()["skipped_shards"] == 2  # train-000007.tar and train-000008.tar
+
+
+def test_flipped_bytes_in_a_real_shard_never_reach_the_model(tiny_prepared_data, tmp_path, caplog):
+    """16 bytes of one document's token data flipped in a prepared shard: the tar still reads,
+    so only the vocabulary check can tell. That document is skipped, counted and named."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_prepared_data, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    tok, shard = manifest["tokenizer"], root / manifest["splits"]["train"]["shards"][0]["file"]
+    good = list(read_shard(shard, "u16", tok["vocab_size"]))
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".tokens.u16")][2]
+    assert member.name.startswith(good[2].key) and member.size >= 40
+    data = bytearray(shard.read_bytes())
+    for i in range(member.offset_data + 8, member.offset_data + 24):
+        data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    args = DataArgs(path=str(root), train_shards=str(shard), shuffle_shards=False, shuffle_buffer=0)
+    stream = build_train_stream(args, 64, 2)
+    expected = np.concatenate(
+        [np.append(s.tokens.astype(np.int64), tok["eos_id"]) for s in good if s is not good[2]]
+    )
+    n = len(expected) // (64 * 2)
+    with caplog.at_level(logging.WARNING, logger="data.stream"):
+        got = _flat(islice(stream, n))
+    assert np.array_equal(got, expected[: len(got)])  # every other document, in order
+    assert got.max() < tok["vocab_size"]
+    assert stream.stats() == {"skipped_samples": 1, "skipped_shards": 0}
+    assert f"{good[2].key} of {shard}: 8 token ids outside the vocabulary" in caplog.text
