@@ -9,6 +9,7 @@ fresh, with a warning, when there is none); `--resume auto` does the same silent
 launchers pass it, so that a restarted or requeued job continues); under a torchrun restart
 resuming is the default. The resolved config is written to `<train.run_dir>/config.yaml`.
 Multi-process launches (torchrun, multi-node, the deepspeed launcher, SLURM): docs/launch.md.
+A second run on a `train.run_dir` in use is refused (exit 2), naming the holder's host and pid.
 SIGTERM / SIGUSR1 stop the run after a checkpoint (exit status 0, "preempted" printed). Exit
 status 3: stopped by train.max_nan_skips NaN/Inf steps (after a checkpoint) or a hung collective.
 """
@@ -19,12 +20,14 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 from data.loader import check_train_shards
 from parallel.collective_timeout import CollectiveTimeout
 from train.config import device_refusal, load_config
 from train.engine import NonFiniteLossError
 from train.loop import train
+from train.run_lock import RunLock
 from train.run_setup import RESUME_MODES
 
 
@@ -66,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if (reason := device_refusal(cfg.train.device)) is not None:  # before any process group
             raise ValueError(reason)
         check_train_shards(cfg.data)  # before the model is built (the stream checks it too)
-        result = train(cfg, resume=args.resume)
+        # One run per run directory; rank 0 holds it for the launch.
+        rank = int(os.environ.get("RANK", "0"))
+        with RunLock(cfg.train.run_dir) if rank == 0 else nullcontext():
+            result = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
