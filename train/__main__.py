@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CollectiveTimeout) as e:  # after a checkpoint / a hung peer
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # a checkpoint that cannot be written (train.checkpoint names it)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 speaks for the run
     if result.preempted:

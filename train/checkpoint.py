@@ -16,7 +16,9 @@ Layout under `dir` (default `<run_dir>/checkpoints`):
 A checkpoint is written into `step_N.tmp/` (every rank its file, flushed), then, after every
 rank has finished (a barrier), rank 0 renames it to `step_N/`; only then is `latest` replaced
 (tmp file + rename). A kill at any point leaves either the previous complete checkpoint or the
-new one, never a half-written directory that `load_latest` would pick.
+new one, never a half-written directory that `load_latest` would pick. A write that fails (a
+full disk: torch's zip writer hides ENOSPC in a RuntimeError) removes `step_N.tmp/` and raises
+an OSError whose one sentence names the checkpoint, the free space and the cause.
 
 Async save (`checkpoint.async_save`, docs/checkpoints.md): `save` copies the ShardedState's
 pieces to CPU memory, writes the per-rank files, and returns while DCP writes the tensors from
@@ -36,6 +38,7 @@ DeepSpeed's engine) still resume only under the world size that wrote them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -221,7 +224,7 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            if (error := _write_error(target, e)) is None:
+            if (error := _failed_write(target, tmp, e)) is None:
                 raise
             raise error from e
         info = {"step": step, "world": self.world, "reshardable": bool(sharded), **(meta or {})}
@@ -256,7 +259,7 @@ class CheckpointManager:
             try:
                 future.result()
             except BaseException as e:
-                if (error := _write_error(target, e)) is None:
+                if (error := _failed_write(target, pending.tmp, e)) is None:
                     raise
                 raise error from e
         waited_s = time.perf_counter() - t0
@@ -362,18 +365,44 @@ class CheckpointManager:
             shutil.rmtree(self.path_of(step), ignore_errors=True)
 
 
-def _write_error(target: Path, e: BaseException) -> OSError | None:
-    """`e` (raised writing `target`) as an OSError that says what to check, when it is one."""
+_FULL_BELOW = 1 << 20
+"""Free bytes under which a failed write is taken for a full disk: torch's zip writer reports
+ENOSPC as `RuntimeError: ... unexpected pos N vs M`, without the OS error."""
+
+
+def _failed_write(target: Path, tmp: Path, e: BaseException) -> OSError | None:
+    """After `e` was raised writing `target` inside the partial checkpoint `tmp`: removes `tmp`
+    (the previous checkpoint stays the newest) and returns `e` as an OSError in one sentence
+    when it is a full disk or another OS error (None: a bug, to raise as it is)."""
     failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, trace)}
     cause = next(iter(failures.values()))[0] if failures else e
-    text = str(cause)
-    if isinstance(cause, OSError) or "No space left" in text or "Permission denied" in text:
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else text
-        return OSError(
-            f"cannot write checkpoint {target}: {reason} (disk full or no permission?); the "
-            "previous checkpoint is untouched"
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+    free = shutil.disk_usage(tmp.parent).free
+    shutil.rmtree(tmp, ignore_errors=True)
+    code = getattr(cause, "errno", None)
+    low = isinstance(cause, (OSError, RuntimeError)) and free < _FULL_BELOW
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(cause) or low:
+        full = "the disk quota is used up" if code == errno.EDQUOT else "the disk is full"
+        error = OSError(
+            f"cannot write checkpoint {target}: {full} ({_size(written)} written before it "
+            f"failed, {_size(shutil.disk_usage(tmp.parent).free)} free in {tmp.parent} after "
+            f"removing the partial {tmp.name}); the previous checkpoint is untouched: free "
+            "space (or set checkpoint.dir elsewhere) and --resume"
         )
+        error.errno = errno.EDQUOT if code == errno.EDQUOT else errno.ENOSPC
+        return error
+    if isinstance(cause, OSError):
+        error = OSError(
+            f"cannot write checkpoint {target}: {cause.strerror or cause}; the partial "
+            f"{tmp.name} is removed and the previous checkpoint is untouched"
+        )
+        error.errno = cause.errno
+        return error
     return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def step_dir_of(path: str | os.PathLike) -> Path:

@@ -309,8 +309,10 @@ def test_disk_full_names_the_file_and_keeps_the_previous(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match=r"step_000002\.tmp/state\.pt: No space left.*disk full"):
+    with pytest.raises(OSError, match=r"step_000002\.tmp/state\.pt: the disk is full") as info:
         manager.save(2, {"w": torch.ones(1)}, {"model": {}})
+    assert info.value.errno == errno.ENOSPC
+    assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()  # the partial is removed
     monkeypatch.undo()
     assert manager.complete_steps() == [1] and manager.load_latest()["step"] == 1
 
