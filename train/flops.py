@@ -4,7 +4,7 @@
     flops = step_flops(cfg.model, cfg.attention, seq_len, batch_tokens=B * seq_len)
     util = mfu(flops / step_seconds, peak_flops(configured=None))    # a fraction of the peak
 
-    meter = MFUMeter.create(cfg.model, cfg.attention, seq_len)        # what the loop keeps
+    meter = MFUMeter.create(cfg.model, cfg.attention, seq_len, tokens=B * seq_len)  # the loop's
     metrics.log(step, meter.metrics(tokens_processed, seconds, n_devices=world))
 
     python -m train.flops --config configs/demo.yaml      # per-token breakdown and the peak
@@ -15,6 +15,12 @@ the sparsity pattern allows (`SparsityConfig.count_pairs`, per layer because the
 depends on the layer): q.k and p.v are 2 * head_dim FLOPs each per pair and head forward, and
 the backward twice that, so 3 * 4 * head_dim * pairs. A dense model would count N^2 pairs; the
 block-sparse one counts O(N), which is what MFU must be measured against.
+
+The peak: logging.peak_tflops when configured, else the known bf16 peak of the GPU, else a
+measured one: the best of several timed runs (after a warmup, each long enough for the clock)
+of the matmuls the model itself does at its working size (tokens x d_model x the MLP width, and
+x the vocabulary) and of a large square one, the best of those shapes. One small matmul timed
+once, as before, under-measured the machine and reported MFU above 100 %.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ __all__ = [
     "mfu",
     "peak_flops",
     "measure_matmul_flops",
+    "working_matmuls",
     "MFUMeter",
 ]
 
@@ -113,27 +120,64 @@ def mfu(flops_per_s: float, peak: float) -> float:
     return flops_per_s / peak
 
 
-@lru_cache(maxsize=4)
-def measure_matmul_flops(device: str = "cpu", n: int = 512, repeats: int = 5) -> float:
-    """Best observed FLOP/s of an n x n fp32 matmul on `device`: the fallback peak."""
+MATMUL_CAP = 2048
+"""Largest dimension of a measured matmul of the model's: larger ones run no faster, only
+longer."""
+SQUARE_MATMUL = {"cpu": 1024, "cuda": 8192}
+"""Side of the square matmul measured besides the model's (near the hardware's best rate, so
+that the peak is not the rate of a small matmul at which the model itself does better)."""
+
+
+def working_matmuls(model_args: ModelArgs, tokens: int) -> tuple[tuple[int, int, int], ...]:
+    """(m, k, n) of the model's largest matmuls over `tokens` tokens (a micro-batch): the MLP's
+    and the LM head's, each dimension at most MATMUL_CAP."""
+    m, k = min(tokens, MATMUL_CAP), min(model_args.d_model, MATMUL_CAP)
+    widths = {min(model_args.hidden, MATMUL_CAP), min(model_args.vocab_size, MATMUL_CAP)}
+    return tuple((m, k, n) for n in sorted(widths))
+
+
+@lru_cache(maxsize=8)
+def measure_matmul_flops(
+    device: str = "cpu",
+    shape: tuple[int, int, int] = (512, 512, 512),
+    repeats: int = 5,
+    min_seconds: float = 0.01,
+) -> float:
+    """Best FLOP/s of an [m, k] x [k, n] matmul on `device` (fp32 on CPU, bf16 on CUDA, as the
+    peak table) over `repeats` timed runs after a warmup; a run repeats the matmul until it
+    lasts `min_seconds`, so that a short one is not timed by a single clock reading."""
     dev = torch.device(device)
-    a = torch.randn(n, n, device=dev)
-    b = torch.randn(n, n, device=dev)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    m, k, n = shape
+    a = torch.randn(m, k, device=dev, dtype=dtype)
+    b = torch.randn(k, n, device=dev, dtype=dtype)
+
+    def timed(times: int) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        for _ in range(times):
+            torch.mm(a, b)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / max(best, 1e-9)
+        return time.perf_counter() - t0
+
+    times = 1
+    while (seconds := timed(times)) < min_seconds:  # warmup, and the count of a long run
+        times = max(2 * times, int(times * 1.2 * min_seconds / max(seconds, 1e-9)))
+    best = min(timed(times) for _ in range(repeats))
+    return 2.0 * m * k * n * times / max(best, 1e-9)
 
 
-def peak_flops(configured: float | None = None, device: torch.device | str | None = None) -> float:
+def peak_flops(
+    configured: float | None = None,
+    device: torch.device | str | None = None,
+    shapes: tuple[tuple[int, int, int], ...] = (),
+) -> float:
     """Peak FLOP/s to measure MFU against: `configured` when given (a config value), else the
-    known bf16 peak of the CUDA device by name, else a measured fp32 matmul on the device."""
+    known bf16 peak of the CUDA device by name, else the best measured FLOP/s of matmuls of
+    `shapes` (`working_matmuls` gives the model's) and a SQUARE_MATMUL on the device
+    (measure_matmul_flops)."""
     if configured is not None:
         if not configured > 0:
             raise ValueError(f"peak_flops={configured} must be positive")
@@ -147,7 +191,15 @@ def peak_flops(configured: float | None = None, device: torch.device | str | Non
             if key in name:
                 return value
         log.warning("no known peak for %s; using a measured matmul rate", name)
-    return measure_matmul_flops(str(dev))
+    side = SQUARE_MATMUL.get(dev.type, SQUARE_MATMUL["cpu"])
+    shapes = (*shapes, (side, side, side))
+    measured = max(measure_matmul_flops(str(dev), shape) for shape in shapes)
+    log.info(
+        "MFU against a measured peak of %.3g TFLOP/s (the best [m, k] x [k, n] matmul of %s on "
+        "%s; set logging.peak_tflops to use the hardware's)", measured / 1e12,
+        ", ".join(f"{m}x{k}x{n}" for m, k, n in shapes), dev,
+    )  # fmt: skip
+    return measured
 
 
 @dataclass(frozen=True)
@@ -167,9 +219,13 @@ class MFUMeter:
         seq_len: int,
         configured_peak: float | None = None,
         device: torch.device | str | None = None,
+        tokens: int | None = None,
     ) -> MFUMeter:
+        """`tokens`: of a micro-batch, the size of the matmuls a measured peak times (default
+        one sequence)."""
         per = flops_per_token(model_args, attn_cfg, seq_len).total
-        return cls(per, peak_flops(configured_peak, device))
+        shapes = working_matmuls(model_args, tokens or seq_len)
+        return cls(per, peak_flops(configured_peak, device, shapes))
 
     def metrics(self, tokens: int, seconds: float, n_devices: int = 1) -> dict[str, float]:
         """{"perf/tflops_per_s", "perf/mfu"} for `tokens` processed (every token of every
@@ -192,13 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     seq_len = args.seq_len or cfg.train.seq_len
     per = flops_per_token(cfg.model, cfg.attention, seq_len)
+    configured = cfg.logging.peak_tflops
+    shapes = working_matmuls(cfg.model, cfg.train.micro_batch_size * seq_len)
+    peak = peak_flops(None if configured is None else configured * 1e12, shapes=shapes)
     dense_pairs = seq_len * (seq_len + 1) // 2 if cfg.attention.causal else seq_len**2
     dense_attn = 12.0 * cfg.model.head_dim * cfg.model.n_heads * cfg.model.n_layers
     dense_attn *= dense_pairs / seq_len
     print(
         f"seq_len {seq_len}: training FLOPs/token {per.total:.4g} (matmul {per.matmul:.4g}, "
         f"sparse attention {per.attention:.4g}; dense attention would be {dense_attn:.4g})\n"
-        f"peak FLOP/s here: {peak_flops():.4g}"
+        f"peak FLOP/s here: {peak:.4g}"
     )
     return 0
 

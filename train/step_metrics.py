@@ -13,7 +13,8 @@ rank 0 logs them):
 - perf/samples_per_s: sequences per second, all data-parallel ranks.
 - perf/tflops_per_s, perf/mfu: sparse-aware training FLOPs (train.flops: the attention pairs
   the pattern allows, not N^2) of every token processed, per second; MFU divides the per-device
-  rate by the peak (logging.peak_tflops, else the known GPU peak, else a measured matmul).
+  rate by the peak (logging.peak_tflops, else the known GPU peak, else the best of timed
+  matmuls at the model's working size, train.flops.working_matmuls).
 - time/step_s: wall time of a step, from asking for its data to the end of its checkpoint
   (validation excluded); time/data_s (waiting for the batches), time/fwd_bwd_s,
   time/optimizer_s (the engine's StepStats), time/checkpoint_s (0 on steps without one) and
@@ -87,7 +88,8 @@ class StepMeter:
     ) -> StepMeter:
         """`sequences_per_rank`: micro_batch_size * grad_accum of one data-parallel rank."""
         peak = None if peak_tflops is None else peak_tflops * 1e12
-        mfu = MFUMeter.create(model_args, attn_cfg, seq_len, peak, device)
+        tokens = sequences_per_rank * seq_len  # the measured peak's matmul size (capped)
+        mfu = MFUMeter.create(model_args, attn_cfg, seq_len, peak, device, tokens)
         samples = sequences_per_rank * dp_size
         if traffic is not None:
             traffic.reset()

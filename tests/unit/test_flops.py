@@ -6,12 +6,18 @@ weights, and the peak / MFU helpers.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
+from tests.unit import test_train
+from tests.unit.test_train import _cfg, _wandb_file
+from tests.unit.wandb_history import wandb_history
+from train import flops
 from train.flops import (
     PEAK_FLOPS,
     MFUMeter,
@@ -21,9 +27,13 @@ from train.flops import (
     mfu,
     peak_flops,
     step_flops,
+    working_matmuls,
 )
+from train.loop import train
 
 ARGS = ModelArgs(vocab_size=100, d_model=32, n_layers=3, n_heads=4)
+data_dir = test_train.data_dir  # the trainer tests' fixtures
+wandb_env = test_train.wandb_env
 
 
 def _brute_pairs(cfg: SparsityConfig, seq_len: int, n_heads: int, n_layers: int) -> int:
@@ -94,7 +104,7 @@ def test_peak_flops(monkeypatch):
     assert peak_flops(device="cuda") == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA A100-SXM4-80GB")
     assert peak_flops(device="cuda") == 312e12
-    measured = measure_matmul_flops("cpu", n=128, repeats=2)
+    measured = measure_matmul_flops("cpu", (128, 64, 32), repeats=2)
     assert 1e6 < measured < 1e14
     assert peak_flops(device="cpu") > 1e6
 
@@ -107,3 +117,44 @@ def test_mfu_meter_metrics():
     flops_per_s = meter.flops_per_token * 1000 / 2.0
     assert got["perf/tflops_per_s"] == pytest.approx(flops_per_s / 1e12)
     assert got["perf/mfu"] == pytest.approx(flops_per_s / 4 / 1e9)
+
+
+def test_measured_peak_times_the_models_matmuls_and_a_square_one(monkeypatch):
+    """Without a configured or known peak: the best of the model's working-size matmuls (the
+    MLP's and the LM head's over a micro-batch) and a large square one."""
+    timed = []
+
+    def fake(device, shape, *args):
+        timed.append(shape)
+        return {(512, 32, 100): 3e9, (1024, 1024, 1024): 2e9}.get(shape, 1e9)
+
+    monkeypatch.setattr(flops, "measure_matmul_flops", fake)
+    meter = MFUMeter.create(ARGS, SparsityConfig(8, 3, 1, 2), 128, device="cpu", tokens=4 * 128)
+    assert timed == [(512, 32, ARGS.hidden), (512, 32, 100), (1024, 1024, 1024)]
+    assert meter.peak == 3e9
+    big = ModelArgs(vocab_size=50_000, d_model=4096, n_layers=1, n_heads=32)
+    assert working_matmuls(big, 65_536) == ((2048, 2048, 2048),)  # capped: no faster, longer
+
+
+@pytest.mark.skipif(
+    os.getloadavg()[0] > (os.cpu_count() or 1),
+    reason="the machine is oversubscribed: OpenMP threads wait for a core, timings say nothing",
+)
+def test_measured_peak_is_stable():
+    """Best of timed runs after a warmup: three fresh measurements agree; each is a real rate."""
+    shape = working_matmuls(ARGS, 512)[-1]
+    peaks = []
+    for _ in range(3):
+        flops.measure_matmul_flops.cache_clear()
+        peaks.append(measure_matmul_flops("cpu", shape))
+    assert 1e8 < min(peaks) and max(peaks) < 2 * min(peaks), peaks
+
+
+def test_mfu_of_a_tiny_run_without_a_peak_is_at_most_one(data_dir, tmp_path, wandb_env):
+    flops.measure_matmul_flops.cache_clear()  # measured in this run
+    run_dir = tmp_path / "run"
+    train(_cfg(data_dir, run_dir, "train.steps=3", "logging.log_every=1"))
+    rows = [r for r in wandb_history(_wandb_file(run_dir), last_step=3) if "perf/mfu" in r]
+    assert len(rows) == 3
+    for row in rows:
+        assert 0 < row["perf/mfu"] <= 1, row
