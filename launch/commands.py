@@ -9,9 +9,10 @@
 
 Every mode starts `python -m train` on every process. Modes that restart or requeue the job
 (multi-node elastic torchrun, SLURM) pass `--resume auto`, so a restarted job continues from
-the newest complete checkpoint and a first start begins at step 0. `executable=True` gives the
-form that runs under this interpreter (`python -m torch.distributed.run` is `torchrun`,
-`python -m deepspeed.launcher.runner` is `deepspeed`).
+the newest complete checkpoint and a first start begins at step 0. The torchrun modes run
+torchrun through `python -m launch.agent` (same arguments), whose exit status after a SIGTERM
+is the ranks' own. `executable=True` gives the form that runs under this interpreter
+(`sys.executable` for `python`, `python -m deepspeed.launcher.runner` for `deepspeed`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def with_resume(train_args: list[str]) -> list[str]:
 
 
 def _torchrun(executable: bool) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run"] if executable else ["torchrun"]
+    """torchrun as launch.agent runs it: SIGTERM / SIGUSR1 go to the workers, the exit status is
+    theirs (a preempted run that checkpointed exits 0, where torchrun itself exits 1)."""
+    return [sys.executable if executable else "python", "-m", "launch.agent"]
 
 
 def torchrun_single(

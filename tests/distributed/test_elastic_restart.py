@@ -6,8 +6,9 @@
   step 3; both agents restart their workers, which resume from the step-2 checkpoint. The run
   ends with the losses and parameters of an uninterrupted run.
 - SIGTERM (SLURM preemption): HALOTRON_TEST_SIGTERM_AT_STEP=3 makes rank 0 signal itself and
-  torchrun (which forwards SIGTERM to every worker); all ranks stop after step 3 with a
-  checkpoint, and `--resume` continues from it to the uninterrupted run's losses.
+  torchrun (launch.agent passes SIGTERM to every worker); all ranks stop after step 3 with a
+  checkpoint, the launcher exits 0 without a traceback, and `--resume` continues from it to the
+  uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -126,8 +127,11 @@ def test_sigterm_checkpoints_on_every_rank_and_resumes(tiny_prepared_data, unint
     run_dir = tmp_path / "preempted"
     args = [*COMMON, f"data.path={tiny_prepared_data}", f"train.run_dir={run_dir}"]
     env = _env(tmp_path) | {"HALOTRON_TEST_SIGTERM_AT_STEP": "3"}
-    ((_, text),) = _wait([_single(args, env)], timeout=240)
+    ((code, text),) = _wait([_single(args, env)], timeout=240)
     assert "preempted: stopped after step 3" in text, text[-6000:]
+    # The launcher exits as the ranks did (launch.agent): 0, no traceback (torchrun: 1).
+    assert code == 0 and "Traceback" not in text, text[-6000:]
+    assert "launch.agent: SIGTERM passed to the workers" in text
     for rank in range(2):  # every rank stopped after the same step and saved it
         assert _state(run_dir, rank)["step"] == 3
         assert len(_state(run_dir, rank)["losses"]) == 3

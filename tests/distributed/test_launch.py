@@ -28,14 +28,20 @@ def _launch_print(args: list[str]) -> list[str]:
 def test_printed_commands():
     single = _launch_print(["torchrun", "--nproc-per-node", "4", "--", "--config", "c.yaml"])
     assert single == [
-        "torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "4",
+        "python", "-m", "launch.agent", "--standalone", "--nnodes", "1", "--nproc-per-node", "4",
         "-m", "train", "--config", "c.yaml",
     ]  # fmt: skip
     multi = _launch_print(
         ["multinode", "--nnodes", "2", "--nproc-per-node", "8", "--endpoint", "n0:29400",
          "--id", "j1", "--max-restarts", "2", "--", "--config", "c.yaml"]
     )  # fmt: skip
-    assert multi[:3] == ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "torchrun"]
+    assert multi[:5] == [
+        "env",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+        "python",
+        "-m",
+        "launch.agent",
+    ]
     joined = " ".join(multi)
     assert "--rdzv-backend c10d --rdzv-endpoint n0:29400 --rdzv-id j1 --max-restarts 2" in joined
     assert joined.endswith("-m train --config c.yaml --resume auto")
@@ -82,7 +88,8 @@ def test_slurm_script_derives_the_rendezvous_from_slurm_variables(tmp_path):
     assert "store=1" in run.stdout
     srun_line = run.stdout.strip().splitlines()[-1]
     assert srun_line.split() == [
-        "--kill-on-bad-exit=0", "torchrun", "--nnodes", "2", "--nproc-per-node", "4",
+        "--kill-on-bad-exit=0", "python", "-m", "launch.agent", "--nnodes", "2",
+        "--nproc-per-node", "4",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu-a:29400", "--rdzv-id", "4242",
         "--max-restarts", "3", "-m", "train", "--config", "configs/demo.yaml",
         "--resume", "auto",
