@@ -8,7 +8,11 @@
 
 The flag is all-reduced (max) over the default process group after every step, so all ranks
 stop after the same step even when the signal reaches them at different moments (SLURM signals
-every task, torchrun forwards SIGTERM to its workers; either order works). The loop then writes
+every task, torchrun forwards SIGTERM to its workers; either order works). The signal is logged
+the moment it arrives, from a thread (signal.set_wakeup_fd), with the group and step of the
+collective the main thread waits in, if any (parallel.collective_timeout.blocked_collective): a
+rank stopped by its launcher because a peer failed says where it was even when it is blocked
+in a collective that will not return before the launcher's SIGKILL. The loop then writes
 a checkpoint and returns; `--resume` continues from it. SLURM sends SIGKILL KillWait (default
 30 s) after SIGTERM, torchrun 30 s after it forwards one: a checkpoint must fit in that time.
 
@@ -39,6 +43,8 @@ from types import FrameType, TracebackType
 import torch
 import torch.distributed as dist
 
+from parallel.collective_timeout import blocked_collective
+
 __all__ = ["GracefulStop", "fault_injection", "hang_injection", "injected_nan", "STOP_SIGNALS"]
 
 log = logging.getLogger(__name__)
@@ -54,11 +60,16 @@ class GracefulStop:
         self.requested = False
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._wakeup: tuple[int, int, int] | None = None  # read fd, write fd, previous fd
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd))
+            threading.Thread(target=_log_arrivals, args=(read_fd,), daemon=True).start()
         return self
 
     def __exit__(
@@ -70,12 +81,19 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        if self._wakeup is not None:
+            read_fd, write_fd, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write_fd)  # the thread reads the end of the pipe and closes it
+            self._wakeup = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.requested:
             self.requested = True
             self.signal_name = signal.Signals(signum).name
-            log.warning("%s received: stopping after this step with a checkpoint", self.signal_name)
+            if self._wakeup is None:  # else the arrival thread said it already
+                log.warning("%s received: stopping after this step with a checkpoint",
+                            self.signal_name)  # fmt: skip
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (a collective under torch.distributed)."""
@@ -86,6 +104,23 @@ class GracefulStop:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+def _log_arrivals(read_fd: int) -> None:
+    """Logs each stop signal as it arrives (Python's C handler writes its number to the wakeup
+    fd at once, while the Python handler waits for the main thread, which may be blocked)."""
+    stop = {int(sig) for sig in STOP_SIGNALS}
+    while data := os.read(read_fd, 64):
+        for signum in data:
+            if signum in stop:
+                where = blocked_collective()
+                waiting = f" while waiting in {where}" if where else ""
+                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+                log.warning(
+                    "rank %d: %s received%s: stopping after this step with a checkpoint",
+                    rank, signal.Signals(signum).name, waiting,
+                )  # fmt: skip
+    os.close(read_fd)
 
 
 def _once(run_dir: Path, name: str) -> bool:

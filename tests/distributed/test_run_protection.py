@@ -12,6 +12,7 @@ launches `torchrun -m train` with a short parallel.timeout_minutes and one rank 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -162,6 +163,33 @@ def test_a_hung_peer_fails_with_the_name_of_the_group(tiny_prepared_data, tmp_pa
         out
     ), out[-6000:]
     assert "failed during step 2" in out and "parallel.timeout_minutes=0.05" in out
+
+
+@pytest.mark.timeout(240)
+def test_every_rank_stopped_for_a_dead_peer_names_the_group_and_step(tiny_prepared_data, tmp_path):
+    """tp=2 x dp=2 under torchrun; rank 3 SIGKILLs itself after step 3 (a lost node) and torchrun
+    stops the others (SIGTERM, then SIGKILL). Each of ranks 0-2 says in its own log in which
+    group and step it was stopped: its collective failed first, or the launcher's signal came
+    while it waited in one. (Before, a rank whose SIGTERM came during its cleanup said
+    nothing.)"""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--tee", "3",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "train",
+        *TINY, f"data.path={tiny_prepared_data}", f"train.run_dir={tmp_path / 'run'}",
+        "parallel.tp=2", "train.steps=5", "train.eval_every=0",
+    ]  # fmt: skip
+    env = _env(tmp_path) | {"HALOTRON_TEST_KILL_AT_STEP": "3"}
+    code, stdout, stderr = run_session(cmd, env, timeout=200)
+    out = stdout + stderr
+    assert code != 0 and "rank 3 kills itself" in out, out[-3000:]
+    group = r"a collective on the \w+ group \([^)]*global ranks \[[\d, ]+\]\)"
+    for rank in range(3):
+        said = re.compile(
+            rf"rank {rank}: ({group} failed during step 3|SIGTERM received while waiting in "
+            rf"{group} in step 3)"
+        )
+        lines = [line for line in out.splitlines() if line.startswith(f"[default{rank}]:")]
+        assert any(said.search(line) for line in lines), "\n".join(lines[-15:])
 
 
 def _deepspeed_nan_step(rank: int, world: int, stages: list[int]) -> list[dict]:
