@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.sparse import SparsityConfig, reference_attention, sparse_attention
+from model.sparse import SparsityConfig, count_pairs, reference_attention, sparse_attention
 from train.memory import peak_kib, reset_peak, rss_kib
 
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
@@ -321,7 +321,7 @@ def matmul_gflops(size: int = 2048, reps: int = 5) -> float:
 def pairs(impl: str, n: int) -> int:
     if impl == "dense_sdpa":
         return BATCH * HEADS * n * n
-    return BATCH * sparsity(impl).count_pairs(n, n_heads=HEADS)
+    return BATCH * count_pairs(sparsity(impl), n, n_heads=HEADS)
 
 
 def quiet_matmul(args: argparse.Namespace) -> dict[str, float]:

@@ -26,19 +26,23 @@ with dense attention, is the oracle for every test.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from model.sparse_kernel import block_sparse_attention, global_query_attention, make_plan
+from model.sparse_kernel import (
+    block_sparse_attention,
+    count_allowed_pairs,
+    global_query_attention,
+    make_plan,
+)
+from model.sparse_pattern import SparsityConfig
 from model.sparse_plan import build_block_table, gather_global_positions
-from model.sparse_random import draw_rows, pool_blocks
 
 __all__ = [
     "SparsityConfig",
+    "count_pairs",
     "sparse_attention",
     "dense_attention",
     "reference_attention",
@@ -46,273 +50,11 @@ __all__ = [
 ]
 
 
-def _as_int_tuple(value: object, name: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    if isinstance(value, (list, tuple)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return tuple(value)
-    raise ValueError(f"attention.{name}={value!r} must be an integer or a list of integers")
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """The attention pattern. Frozen: one value object shared by every layer and rank."""
-
-    block_size: int = 64
-    """Tokens per block; the sequence length (per context-parallel rank too) is a multiple."""
-    window_blocks: int = 3
-    """Key blocks in the sliding window of a query block: odd for bidirectional (centre and
-    (w-1)/2 each side); for causal, the diagonal block and w-1 blocks before it."""
-    global_blocks: int = 2
-    """ITC global blocks: bidirectional, the first ceil(g/2) and the last floor(g/2) blocks;
-    causal, the first g blocks (a visible, still causal, prefix or "sink")."""
-    random_blocks: int = 3
-    """BigBird random key blocks per non-global query block (0 for Longformer)."""
-    causal: bool = False
-    """Causal language modelling: no key after its query, and a causal mask on the diagonal."""
-    dilation: int | tuple[int, ...] = 1
-    """Longformer token-level dilation of the window (reach window*dilation); one value or one
-    per head."""
-    global_tokens: tuple[int, ...] | None = None
-    """Explicit global token positions (ITC), in addition to the global blocks."""
-    etc_tokens: int = 0
-    """ETC: extra global tokens the model prepends; they occupy positions [0, etc_tokens)."""
-    random_per_head: bool = False
-    """Draw random blocks per head instead of once per layer."""
-    random_pool_blocks: int = 0
-    """0: random blocks are drawn from the whole sequence (BigBird); under context parallelism
-    a rank then fetches about random_blocks remote blocks per local query block, traffic
-    O(N/P). p > 0: each (step, layer[, head]) draws a pool of p blocks (one per 1/p of the
-    sequence), the same on every rank, and every query block draws its random blocks from the
-    pool; the pool's keys/values travel like the global rows, traffic flat in N. Choose p a
-    multiple of the cp degree so every rank sends the same amount."""
-    seed: int = 0
-    """Seed of the random-block draw, combined with step and layer (and head)."""
-    _dilations: tuple[int, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "window_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"attention.{name}={value!r} must be a positive integer")
-        for name in ("global_blocks", "random_blocks", "random_pool_blocks", "etc_tokens", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"attention.{name}={value!r} must be a non-negative integer")
-        if not self.causal and self.window_blocks % 2 == 0:
-            raise ValueError(
-                f"attention.window_blocks={self.window_blocks} must be odd for bidirectional "
-                "attention (the centre block and the same number of blocks on each side)"
-            )
-        dilations = _as_int_tuple(self.dilation, "dilation")
-        assert dilations is not None
-        if not dilations or any(d < 1 for d in dilations):
-            raise ValueError(f"attention.dilation={self.dilation!r} must be integers >= 1")
-        object.__setattr__(self, "dilation", dilations[0] if len(dilations) == 1 else dilations)
-        object.__setattr__(self, "_dilations", dilations)
-        tokens = _as_int_tuple(self.global_tokens, "global_tokens")
-        if tokens is not None:
-            if any(t < 0 for t in tokens):
-                raise ValueError(
-                    f"attention.global_tokens={list(tokens)} must hold non-negative positions"
-                )
-            tokens = tuple(sorted(set(tokens)))
-        object.__setattr__(self, "global_tokens", tokens)
-        if self.causal and self.etc_tokens:
-            raise ValueError(
-                f"attention.etc_tokens={self.etc_tokens} cannot be used with causal=true: ETC "
-                "tokens attend to every position, which breaks causality; use global_blocks "
-                "(a causal visible prefix) instead"
-            )
-
-    # ---- derived geometry -------------------------------------------------------------------
-
-    @property
-    def left_blocks(self) -> int:
-        return self.window_blocks - 1 if self.causal else (self.window_blocks - 1) // 2
-
-    @property
-    def right_blocks(self) -> int:
-        return 0 if self.causal else (self.window_blocks - 1) // 2
-
-    def head_dilations(self, n_heads: int) -> tuple[int, ...]:
-        """One dilation per head; raises when a per-head list does not match `n_heads`."""
-        if len(self._dilations) == 1:
-            return self._dilations * n_heads
-        if len(self._dilations) != n_heads:
-            raise ValueError(
-                f"attention.dilation has {len(self._dilations)} values but the layer has "
-                f"{n_heads} heads; give one value or one per head"
-            )
-        return self._dilations
-
-    @property
-    def max_dilation(self) -> int:
-        return max(self._dilations)
-
-    @property
-    def reach_tokens(self) -> tuple[int, int]:
-        """Tokens a query block reaches before and after itself through the window."""
-        b, d = self.block_size, self.max_dilation
-        return self.left_blocks * d * b, self.right_blocks * d * b
-
-    def n_blocks(self, seq_len: int) -> int:
-        """Blocks of a `seq_len`-token sequence; the last one may be partial."""
-        return -(-seq_len // self.block_size)
-
-    def global_block_ids(self, n_blocks: int) -> list[int]:
-        """The ITC global blocks of an `n_blocks`-block sequence (fewer when it is shorter)."""
-        if self.causal:
-            return list(range(min(self.global_blocks, n_blocks)))
-        first = min((self.global_blocks + 1) // 2, n_blocks)
-        last = min(self.global_blocks // 2, n_blocks - first)
-        return list(range(first)) + list(range(n_blocks - last, n_blocks))
-
-    def global_positions(self, seq_len: int) -> torch.Tensor:
-        """Sorted token positions that are global for every sample (ITC blocks, tokens, ETC);
-        positions past the end of a short sequence are not part of it."""
-        b = self.block_size
-        flags = torch.zeros(seq_len, dtype=torch.bool)
-        for block in self.global_block_ids(self.n_blocks(seq_len)):
-            flags[block * b : (block + 1) * b] = True
-        if self.global_tokens:
-            flags[[t for t in self.global_tokens if t < seq_len]] = True
-        flags[: self.etc_tokens] = True
-        return flags.nonzero().flatten()
-
-    def validate_seq_len(self, seq_len: int) -> None:
-        """Raise a ValueError when `seq_len` is not a sequence length. Any positive length
-        works: the last block may be partial, and a window, a global set or an explicit global
-        position that does not fit a short sequence is clipped to it (as HF BigBird and
-        Longformer accept any length)."""
-        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
-            raise ValueError(f"sequence length {seq_len!r} must be a positive integer")
-
-    # ---- the random draw (model/sparse_random.py) -------------------------------------------
-
-    def draw_seed(self, step: int, layer: int, head: int, what: str = "random-blocks") -> int:
-        key = f"halotron-{what}:{self.seed}:{step}:{layer}:{head}".encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-    def draw_heads(self, n_heads: int) -> list[tuple[int, int]]:
-        """(head, dilation) of each independent draw: one per head with `random_per_head`,
-        else one for the layer (head 0) with the widest dilation."""
-        dilations = self.head_dilations(n_heads)
-        if self.random_per_head:
-            return list(enumerate(dilations))
-        return [(0, max(dilations))]
-
-    def random_candidates(self, n_blocks: int) -> torch.Tensor:
-        """Sorted long: the blocks a random draw may pick (every block but the ITC globals)."""
-        keep = torch.ones(n_blocks, dtype=torch.bool)
-        keep[self.global_block_ids(n_blocks)] = False
-        return keep.nonzero().flatten()
-
-    def random_pool(self, n_blocks: int, layer: int = 0, step: int = 0, head: int = 0):
-        """Sorted long [<= random_pool_blocks]: the pool the rows of (layer, step, head) draw
-        from, the same on every rank; all candidates when random_pool_blocks is 0."""
-        candidates = self.random_candidates(n_blocks)
-        if self.random_pool_blocks == 0:
-            return candidates
-        key = self.draw_seed(step, layer, head, "random-pool")
-        return pool_blocks(key, candidates, n_blocks, self.random_pool_blocks)
-
-    def random_rows(
-        self, rows: torch.Tensor, n_blocks: int, n_heads: int, layer: int = 0, step: int = 0
-    ) -> torch.Tensor:
-        """Random key blocks of the query blocks `rows` [nq]: long [1 or heads, nq, r], -1 where
-        fewer candidates exist and on global query blocks. O(nq x r + pool): a rank draws
-        only the rows it asks for, identically on every rank."""
-        rows = rows.to(torch.long)
-        r = self.random_blocks
-        # Global query blocks see every key already; rows past the sequence are padding.
-        skip = torch.ones(n_blocks + 1, dtype=torch.bool)
-        skip[:n_blocks] = False
-        skip[self.global_block_ids(n_blocks)] = True
-        skip_rows = skip[rows.clamp(max=n_blocks)].view(-1, 1)
-        tables = []
-        for head, dilation in self.draw_heads(n_heads):
-            if r == 0:
-                tables.append(torch.empty(rows.numel(), 0, dtype=torch.long))
-                continue
-            lo = rows - self.left_blocks * dilation
-            hi = (
-                torch.full_like(rows, n_blocks)
-                if self.causal
-                else rows + self.right_blocks * dilation
-            )
-            pool = self.random_pool(n_blocks, layer, step, head)
-            picks = draw_rows(self.draw_seed(step, layer, head), rows, pool, lo, hi, r)
-            tables.append(picks.masked_fill(skip_rows, -1))
-        return torch.stack(tables)
-
-    def random_table(self, seq_len: int, n_heads: int, layer: int = 0, step: int = 0):
-        """Random key blocks of every query block: long [1 or heads, n_blocks, random_blocks],
-        -1 where fewer candidates exist. Identical on every rank for the same arguments."""
-        n_blocks = self.n_blocks(seq_len)
-        return self.random_rows(torch.arange(n_blocks), n_blocks, n_heads, layer, step)
-
-    # ---- the oracle -------------------------------------------------------------------------
-
-    def dense_mask(
-        self,
-        seq_len: int,
-        layer: int = 0,
-        step: int = 0,
-        global_mask: torch.Tensor | None = None,
-        n_heads: int | None = None,
-    ) -> torch.Tensor:
-        """The exact pattern as a dense bool mask [heads or 1, seq, seq] (True = attend), or
-        [batch, heads or 1, seq, seq] with a per-sample `global_mask` [batch, seq]. O(seq^2):
-        for tests and pictures only."""
-        self.validate_seq_len(seq_len)
-        per_head = len(self._dilations) > 1 or self.random_per_head
-        if n_heads is None:
-            n_heads = len(self._dilations) if len(self._dilations) > 1 else 1
-        heads = n_heads if per_head else 1
-        b = self.block_size
-        pos = torch.arange(seq_len)
-        i, j = pos.view(-1, 1), pos.view(1, -1)
-        block_offset = j // b - i // b
-        dilations = self.head_dilations(n_heads)
-        table = self.random_table(seq_len, n_heads, layer, step)
-        masks = []
-        for h in range(heads):
-            d = dilations[h]
-            window = (block_offset >= -self.left_blocks * d) & (
-                block_offset <= self.right_blocks * d
-            )
-            window &= (j - i) % d == 0
-            nb = self.n_blocks(seq_len)
-            rand_blocks = torch.zeros(nb, nb, dtype=torch.bool)
-            rows = table[h if self.random_per_head else 0]
-            for r in range(rows.shape[1]):
-                ok = rows[:, r] >= 0
-                rand_blocks[ok.nonzero().flatten(), rows[ok, r]] = True
-            rand = rand_blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)
-            rand = rand[:seq_len, :seq_len]
-            masks.append(window | rand)
-        mask = torch.stack(masks)  # [heads, seq, seq]
-        glob = torch.zeros(seq_len, dtype=torch.bool)
-        glob[self.global_positions(seq_len)] = True
-        if global_mask is not None:
-            glob = glob.unsqueeze(0) | global_mask.bool()  # [batch, seq]
-            mask = mask.unsqueeze(0) | glob[:, None, :, None] | glob[:, None, None, :]
-        else:
-            mask = mask | glob.view(1, -1, 1) | glob.view(1, 1, -1)
-        if self.causal:
-            mask = mask & (j <= i)
-        return mask
-
-    def count_pairs(self, seq_len: int, n_heads: int = 1, layer: int = 0, step: int = 0) -> int:
-        """Attended (query, key) pairs summed over heads, without an N x N tensor."""
-        from model.sparse_kernel import count_allowed_pairs
-
-        return count_allowed_pairs(self, seq_len, n_heads, layer, step)
+def count_pairs(
+    cfg: SparsityConfig, seq_len: int, n_heads: int = 1, layer: int = 0, step: int = 0
+) -> int:
+    """Attended (query, key) pairs of `cfg` summed over heads, without an N x N tensor."""
+    return count_allowed_pairs(cfg, seq_len, n_heads, layer, step)
 
 
 def dense_attention(

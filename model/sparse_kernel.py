@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from model.sparse_plan import BlockTable, build_block_table, gather_global_positions
 
 if TYPE_CHECKING:
-    from model.sparse import SparsityConfig
+    from model.sparse_pattern import SparsityConfig
 
 # Score elements per chunk: large enough for efficient batched matmuls, small enough to stay
 # in cache-friendly, bounded memory (4 MiB of fp32 scores).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from model.sparse import SparsityConfig
+    from model.sparse_pattern import SparsityConfig
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Picture of the attention pattern split across context-parallel ranks, with bytes per rank.
 
-    python -m parallel.show --config configs/demo.yaml --cp 4 --out pattern.png \
+    python -m train.show --config configs/demo.yaml --cp 4 --out pattern.png \
         [--seq-len N] [--layer L] [--head H] [--step S] [--bytes-per-value 4]
 
 Each cell is one (query block, key block) pair. Query rows belong to the rank that holds the
@@ -17,9 +17,7 @@ Legend: nb = blocks in the sequence, nl = blocks per rank, b = block size.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,6 @@ __all__ = [
     "forward_bytes",
     "draw_pattern",
     "render_pattern",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,48 +238,3 @@ def render_pattern(
     if title is None:
         title = f"N={seq_len}, cp={world}, layer {layer}, head {head}"
     return draw_pattern(cats, world, out, sent, title)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parallel.show", description=__doc__)
-    parser.add_argument("--config", required=True, help="training YAML recipe")
-    parser.add_argument("--cp", type=int, required=True, help="context-parallel ranks")
-    parser.add_argument("--out", default="pattern.png", help="PNG to write")
-    parser.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
-    parser.add_argument("--layer", type=int, default=0)
-    parser.add_argument("--head", type=int, default=0)
-    parser.add_argument("--step", type=int, default=0, help="step of the random-block draw")
-    parser.add_argument("--bytes-per-value", type=int, default=4, help="4 for fp32 K/V, 2 for bf16")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from train.config import load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        seq_len = args.seq_len or cfg.train.seq_len
-        n_heads, head_dim = cfg.model.n_heads, cfg.model.head_dim
-        cats = classify_blocks(
-            cfg.attention, seq_len, args.cp, n_heads, args.layer, args.step, args.head
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    a = cfg.attention
-    title = (
-        f"{Path(args.config).name}: N={seq_len}, b={a.block_size}, window={a.window_blocks}, "
-        f"global={a.global_blocks}, random={a.random_blocks}"
-        f"{f' (pool {a.random_pool_blocks})' if a.random_pool_blocks else ''}, "
-        f"{'causal' if a.causal else 'bidirectional'}; cp={args.cp}, layer {args.layer}, "
-        f"head {args.head}"
-    )
-    path = render_pattern(
-        a, seq_len, args.cp, n_heads, head_dim, args.out, args.layer, args.head, args.step,
-        args.bytes_per_value, title, cats,
-    )  # fmt: skip
-    log.info("wrote %s (%d x %d blocks)", path, cats.shape[0], cats.shape[1])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@
 
 Matmuls: every linear weight (q/k/v, output, MLP, LM head; the embedding lookup is free) costs
 2 FLOPs per token forward and 4 backward, the usual 6 * params. Attention counts only the pairs
-the sparsity pattern allows (`SparsityConfig.count_pairs`, per layer because the random draw
+the sparsity pattern allows (`model.sparse.count_pairs`, per layer because the random draw
 depends on the layer): q.k and p.v are 2 * head_dim FLOPs each per pair and head forward, and
 the backward twice that, so 3 * 4 * head_dim * pairs. A dense model would count N^2 pairs; the
 block-sparse one counts O(N), which is what MFU must be measured against.
@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from model.sparse import SparsityConfig
+from model.sparse import SparsityConfig, count_pairs
 from model.transformer import ModelArgs
 
 __all__ = [
@@ -90,7 +90,7 @@ def attention_pairs(
     attn_cfg: SparsityConfig, seq_len: int, n_heads: int, n_layers: int, step: int = 0
 ) -> int:
     """Allowed (query, key) pairs of one sequence, summed over heads and layers."""
-    return sum(attn_cfg.count_pairs(seq_len, n_heads, layer, step) for layer in range(n_layers))
+    return sum(count_pairs(attn_cfg, seq_len, n_heads, layer, step) for layer in range(n_layers))
 
 
 def flops_per_token(

@@ -19,9 +19,9 @@ from parallel.show import (
     RANDOM,
     classify_blocks,
     forward_bytes,
-    main,
     render_pattern,
 )
+from train.show import main
 
 PATTERNS = {
     "causal_bigbird": (SparsityConfig(8, 3, 1, 2, causal=True), 256, 4, 2),
