@@ -20,14 +20,12 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import nullcontext
 
 from data.loader import check_train_shards
 from parallel.collective_timeout import CollectiveTimeout
 from train.config import device_refusal, load_config
 from train.engine import NonFiniteLossError
 from train.loop import train
-from train.run_lock import RunLock
 from train.run_setup import RESUME_MODES
 
 
@@ -69,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if (reason := device_refusal(cfg.train.device)) is not None:  # before any process group
             raise ValueError(reason)
         check_train_shards(cfg.data)  # before the model is built (the stream checks it too)
-        # One run per run directory; rank 0 holds it for the launch.
-        rank = int(os.environ.get("RANK", "0"))
-        with RunLock(cfg.train.run_dir) if rank == 0 else nullcontext():
-            result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume)  # rank 0 holds train.run_dir's lock
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,10 +48,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,17 +60,7 @@ from model.sparse import SparsityConfig, sparse_attention
 from model.transformer import ModelArgs, Transformer, lm_loss
 from parallel.traffic import TrafficCounter
 from train.deepspeed_config import DeepSpeedArgs, deepspeed_config, deepspeed_refusal
-from train.engine import (
-    Engine,
-    OptimArgs,
-    ScheduleArgs,
-    StepStats,
-    _param_groups,
-    lr_at,
-    nonfinite_on_any_rank,
-    sync_clock,
-)
-from train.preemption import injected_nan
+from train.engine import Engine, OptimArgs, ScheduleArgs, _param_groups, engine_tag
 
 if TYPE_CHECKING:
     from parallel.layout import Layout, ParallelGroups
@@ -177,11 +165,14 @@ def _optimizer_step_suppressed(ds: Any, suppress: bool) -> Iterator[None]:
         del optimizer.step
 
 
-class DeepSpeedEngine:
-    """One rank's share of a cp x dp step under DeepSpeed ZeRO; implements train.engine.Engine.
+class DeepSpeedEngine(Engine):
+    """One rank's share of a tp x cp x dp step under DeepSpeed ZeRO (train.engine.Engine owns
+    the step's shared parts: learning rate, sequence slice, token count, NaN skip, timing).
 
     `model` is the Transformer (`ds.module`), `ds` the deepspeed.DeepSpeedEngine.
     """
+
+    kind = "deepspeed"
 
     def __init__(
         self,
@@ -205,11 +196,11 @@ class DeepSpeedEngine:
 
         if not args.shm_comm and not torch.cuda.is_available():
             _skip_shm_comm()
-        self.device = torch.device(device)
-        self.layout, self.groups = layout, groups
-        self.optim_args, self.schedule_args, self.args = optim, schedule, args
+        super().__init__(
+            optim, schedule, total_steps, device, groups.cp_rank, layout.cp, groups.dp_cp
+        )
+        self.layout, self.groups, self.args = layout, groups, args
         self.model_args = model_args
-        self.total_steps = total_steps
         self.micro_batches = micro_batches
         self.mpu = ModelParallelUnit(groups)
         self.stage: ParallelTransformer | None = None  # the model when tp > 1
@@ -265,13 +256,7 @@ class DeepSpeedEngine:
         # during the forward) is detected and gathered by DeepSpeed's parameter dict itself.
         return self.stage.to(self.device)
 
-    # ---- the step ----------------------------------------------------------------------------
-
-    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from parallel.layout import shard_sequence
-
-        local = shard_sequence(batch, self.groups.cp_rank, self.layout.cp)
-        return {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+    # ---- what differs from the other engines (train.engine.Engine) --------------------------
 
     def _loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.ds(batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"))
@@ -281,56 +266,41 @@ class DeepSpeedEngine:
 
         return parallel_lm_loss(logits, batch["labels"], batch["loss_mask"], self.stage)
 
-    def _all_sum(self, values: list[float]) -> list[float]:
-        """`values` summed over the data x context ranks (tp ranks hold the same tokens)."""
-        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.groups.dp_cp.size() > 1:
-            dist.all_reduce(totals, group=self.groups.dp_cp)
-        return totals.tolist()
-
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
-        if len(micro_batches) != self.micro_batches:
+    def forward_backward(
+        self, local: list[dict[str, torch.Tensor]], step: int, n_tokens: float
+    ) -> float:
+        if len(local) != self.micro_batches:
             raise ValueError(
-                f"{len(micro_batches)} micro-batches for a DeepSpeed engine configured with "
+                f"{len(local)} micro-batches for a DeepSpeed engine configured with "
                 f"gradient_accumulation_steps={self.micro_batches} (train.grad_accum)"
             )
-        self.ds.train()
-        lr = lr_at(step, self.optim_args, self.schedule_args, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        local = [self._local(b) for b in micro_batches]
-        # cp ranks count their slice's tokens; the sum over data x context is the step's.
-        (n_tokens,) = self._all_sum([sum(float(b["loss_mask"].sum()) for b in local)])
         # Undoes DeepSpeed's mean over its data-parallel (data x context) ranks.
         scale = self.groups.dp_cp.size() / max(n_tokens, 1.0)
         loss_total = 0.0
-        t0 = sync_clock(self.device)
         for i, batch in enumerate(local):
-            loss_sum, _ = self._loss(batch, step)
-            if injected_nan(step + 1):
-                loss_sum = loss_sum * math.nan
+            loss_sum = self.with_fault(self._loss(batch, step)[0], step)
             self.ds.backward(loss_sum * scale, scale_wrt_gas=False)
             loss_total += float(loss_sum.detach())
             if i < len(local) - 1:
                 self.ds.step()  # not the accumulation boundary: DeepSpeed counts it only
-        (loss_total,) = self._all_sum([loss_total])
-        t1 = sync_clock(self.device)
-        skipped = nonfinite_on_any_rank(loss_total, self.device)
+        (loss_total,) = self.all_sum([loss_total])
+        return loss_total
+
+    def forward_only(self, local: list[dict[str, torch.Tensor]]) -> float:
+        (total,) = self.all_sum([sum(float(self._loss(b, step=0)[0]) for b in local)])
+        return total
+
+    def update(self, skipped: bool) -> float:
         before = self.ds.skipped_steps
         with _optimizer_step_suppressed(self.ds, skipped and not self._skips_overflow()):
             self.ds.step()  # the accumulation boundary: the update
         if skipped and self._skips_overflow() and self.ds.skipped_steps == before:
-            log.warning("step %d: NaN/Inf loss but DeepSpeed did not skip its update", step + 1)
+            log.warning("NaN/Inf loss but DeepSpeed did not skip its update")
         grad_norm = None if skipped else self.ds.get_global_grad_norm()
-        return StepStats(
-            loss=loss_total / max(n_tokens, 1.0),
-            n_tokens=int(n_tokens),
-            grad_norm=math.nan if grad_norm is None else float(grad_norm),
-            lr=lr,
-            fwd_bwd_s=t1 - t0,
-            optimizer_s=sync_clock(self.device) - t1,
-            skipped=skipped,
-        )
+        return math.nan if grad_norm is None else float(grad_norm)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
 
     def _skips_overflow(self) -> bool:
         """Whether DeepSpeed skips a step with non-finite gradients on its own: ZeRO 1 and 2
@@ -342,15 +312,6 @@ class DeepSpeedEngine:
             self.config["bf16"].get("check_grad_overflow", True)
         )
 
-    @torch.no_grad()
-    def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        """(summed loss, tokens) of `batch` over every cp slice and dp rank (each dp rank passes
-        its own batch); step=0 fixes the random-block draw."""
-        self.ds.eval()
-        loss_sum, n_tokens = self._loss(self._local(batch), step=0)
-        total, count = self._all_sum([float(loss_sum), float(n_tokens)])
-        return total, int(count)
-
     # ---- state -------------------------------------------------------------------------------
 
     def _key(self) -> dict[str, Any]:
@@ -361,17 +322,20 @@ class DeepSpeedEngine:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """What the loop's own checkpoint file holds for this engine: the settings the
-        DeepSpeed checkpoint (written by `save_checkpoint`) belongs to, not the tensors."""
-        return {"version": STATE_VERSION, "deepspeed": True, **self._key()}
+        """DeepSpeed writes the tensors into `checkpoint_dir/step_N/` (its own format, a
+        collective); the state names that directory and the settings it belongs to."""
+        if self.checkpoint_dir is None:
+            raise RuntimeError("DeepSpeedEngine.checkpoint_dir must be set before a checkpoint")
+        tag = engine_tag(self.steps_done)
+        self.ds.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
+        return {"version": STATE_VERSION, "deepspeed": True, "tag": tag, **self._key()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check that `state` (from `state_dict`) fits this run; the tensors come from
-        `load_checkpoint`."""
+        """Check that `state` fits this run and load the DeepSpeed checkpoint it names."""
         if state.get("version") != STATE_VERSION or not state.get("deepspeed"):
             raise ValueError(
-                "the checkpoint was not written by the DeepSpeed engine (train.engine=deepspeed) "
-                f"of this version; its engine state has keys {sorted(state)}"
+                "the checkpoint was not written by the DeepSpeed engine (train.engine=deepspeed); "
+                "resume it with the engine that wrote it (train.engine=auto or megatron)"
             )
         saved = {k: state.get(k) for k in self._key()}
         if saved != self._key():
@@ -380,20 +344,17 @@ class DeepSpeedEngine:
                 f"deepspeed.zero_stage, optim.precision) but this run uses {self._key()}; "
                 "DeepSpeed resumes only the same layout, ZeRO stage and precision"
             )
-
-    def save_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
-        """DeepSpeed's checkpoint `directory/tag/` (a collective: every rank calls it)."""
-        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
-
-    def load_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
-        path = Path(directory) / tag
+        if self.checkpoint_dir is None:
+            raise RuntimeError("DeepSpeedEngine.checkpoint_dir must be set before a resume")
+        path = self.checkpoint_dir / state["tag"]
         if not path.is_dir():
             raise FileNotFoundError(
                 f"the DeepSpeed checkpoint {path} named by the run's checkpoint is missing"
             )
         loaded, _ = self.ds.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+            str(self.checkpoint_dir), tag=state["tag"], load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )  # fmt: skip
         if loaded is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
 
@@ -417,7 +378,3 @@ class DeepSpeedEngine:
             global_name = self.stage.global_name(name)
             full[global_name] = unshard_param(global_name, shards, self.model_args)
         return full
-
-
-if TYPE_CHECKING:  # mypy checks that the loop can use this engine where it takes an Engine
-    _implements_engine: type[Engine] = DeepSpeedEngine

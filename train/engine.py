@@ -21,13 +21,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from model.transformer import lm_loss
+from parallel.layout import shard_sequence
+from train.model_space import load_local_sharded_state, local_sharded_state
 from train.preemption import injected_nan
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "StepStats",
     "Engine",
     "LocalEngine",
+    "engine_tag",
     "lr_at",
     "nonfinite_on_any_rank",
     "sync_clock",
@@ -69,6 +73,10 @@ class OptimArgs:
     Either way the attention's softmax runs in fp32."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "eps", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value):  # inf passes `> 0` and trains to NaN
+                raise ValueError(f"optim.{name}={value!r} must be a finite number")
         if not self.lr > 0:
             raise ValueError(f"optim.lr={self.lr!r} must be positive")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -102,6 +110,8 @@ class ScheduleArgs:
     """Step at which the decay reaches min_lr; null means train.steps."""
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.min_lr):
+            raise ValueError(f"schedule.min_lr={self.min_lr!r} must be a finite number")
         if self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps={self.warmup_steps!r} must be >= 0")
         if self.min_lr < 0:
@@ -140,22 +150,145 @@ class StepStats:
     """The loss was NaN or Inf on some rank: no parameter or optimizer state changed."""
 
 
-class Engine(Protocol):
-    """What the loop needs from a training engine."""
+class Engine:
+    """The seam between the loop and a way of training (one process, Megatron-core, DeepSpeed).
+
+    The base owns what every engine shares: the learning rate (lr_at, set on the optimizer's
+    parameter groups every step, so no scheduler state is checkpointed), this rank's slice of
+    the sequence (`to_local`, the step boundary), the token count of the whole step, the
+    NaN/Inf skip agreed by all ranks, and the timing of the step's phases. A subclass
+    implements only what differs: `forward_backward`, `forward_only`, `update`, the optimizer's
+    `param_groups`, and its checkpoint state (`state_dict` / `load_state_dict`).
+    """
 
     model: nn.Module
+    device: torch.device
+    kind: str = ""
+    """"local", "megatron" or "deepspeed" (train.engine_choice)."""
+
+    def __init__(
+        self,
+        optim: OptimArgs,
+        schedule: ScheduleArgs,
+        total_steps: int,
+        device: torch.device | str = "cpu",
+        cp_rank: int = 0,
+        cp: int = 1,
+        token_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.optim_args, self.schedule_args, self.total_steps = optim, schedule, total_steps
+        self.device = torch.device(device)
+        self.cp_rank, self.cp = cp_rank, cp
+        self.token_group = token_group
+        """The ranks whose tokens make up one step (data x context); None: this process."""
+        self.checkpoint_dir: Path | None = None
+        """Where an engine that writes its own files (DeepSpeed) puts them; set by the loop."""
+        self.steps_done = 0
+        """Optimizer steps taken (skipped ones included): the step a checkpoint belongs to."""
+
+    # ---- the step, the same for every engine -------------------------------------------------
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
-        """Forward and backward every micro-batch, then one optimizer step."""
-        ...
+        """Forward and backward every micro-batch of this rank, then one optimizer step."""
+        t0 = sync_clock(self.device)
+        self.model.train()
+        lr = self.set_lr(step)
+        local = [self.to_local(b) for b in micro_batches]
+        n_tokens = self.count_tokens(local)
+        loss_sum = self.forward_backward(local, step, n_tokens)
+        t1 = sync_clock(self.device)
+        # Before the update: a NaN/Inf step leaves parameters and optimizer state alone.
+        skipped = nonfinite_on_any_rank(loss_sum, self.device)
+        grad_norm = self.update(skipped)
+        self.steps_done = step + 1
+        return StepStats(
+            loss=loss_sum / max(n_tokens, 1.0),
+            n_tokens=int(n_tokens),
+            grad_norm=math.nan if skipped else grad_norm,
+            lr=lr,
+            fwd_bwd_s=t1 - t0,
+            optimizer_s=sync_clock(self.device) - t1,
+            skipped=skipped,
+        )
 
+    @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        """(summed loss, tokens) of one batch without gradients, with a fixed random draw."""
-        ...
+        """(summed loss, tokens) of one batch without gradients, over every cp slice and data
+        rank (each data rank passes its own batch), with a fixed random draw (step 0, so that
+        validation losses are comparable over time)."""
+        self.model.eval()
+        local = [self.to_local(batch)]
+        return self.forward_only(local), int(self.count_tokens(local))
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def set_lr(self, step: int) -> float:
+        """lr_at(step) on every parameter group, times the group's lr_mult where it has one
+        (Megatron's groups); returns lr_at(step)."""
+        lr = lr_at(step, self.optim_args, self.schedule_args, self.total_steps)
+        for group in self.param_groups():
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        return lr
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def to_local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This cp rank's slice of `batch` along the sequence, on the engine's device."""
+        local = shard_sequence(batch, self.cp_rank, self.cp)
+        return {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+
+    def count_tokens(self, local: list[dict[str, torch.Tensor]]) -> float:
+        """Loss-carrying tokens of the whole step: this rank's slices summed over the token
+        group (tensor and pipeline ranks hold the same tokens and are not counted again)."""
+        (n,) = self.all_sum([sum(float(b["loss_mask"].sum()) for b in local)])
+        return n
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed over the token group."""
+        if self.token_group is None or self.token_group.size() == 1:
+            return list(values)
+        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals, group=self.token_group)
+        return totals.tolist()
+
+    @staticmethod
+    def with_fault(loss_sum: torch.Tensor, step: int) -> torch.Tensor:
+        """The training loss, made NaN at the step HALOTRON_INJECT_NAN names (tests)."""
+        return loss_sum * math.nan if injected_nan(step + 1) else loss_sum
+
+    # ---- what differs between engines --------------------------------------------------------
+
+    def forward_backward(
+        self, local: list[dict[str, torch.Tensor]], step: int, n_tokens: float
+    ) -> float:
+        """Forward and backward of this rank's micro-batches, each micro-batch's summed loss
+        divided by `n_tokens` (the whole step's), so that the gradient is the token mean over
+        every rank; returns the summed loss of the whole step (every rank)."""
+        raise NotImplementedError
+
+    def forward_only(self, local: list[dict[str, torch.Tensor]]) -> float:
+        """The summed loss of the whole step (every rank), without gradients, with step 0's
+        random draw."""
+        raise NotImplementedError
+
+    def update(self, skipped: bool) -> float:
+        """Clip and step the optimizer unless `skipped`, and zero the gradients; the global
+        gradient norm before clipping (anything when skipped)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (where the learning rate is set)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's checkpoint state: parameters and optimizer state in model space
+        (train.model_space: the single-process model's names and shapes, any layout loads
+        them), or, for an engine with its own checkpoint files, their place."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def engine_tag(step: int) -> str:
+    """The directory, under Engine.checkpoint_dir, of an engine's own checkpoint of `step`."""
+    return f"step_{step:06d}"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -196,12 +329,16 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-class LocalEngine:
-    """Single-process engine: torch AdamW, global-norm clipping, warmup + cosine schedule.
+class LocalEngine(Engine):
+    """Single-process engine: torch AdamW and global-norm clipping on the whole model.
 
     With optim.precision="bf16" the forward runs under torch.autocast(bfloat16) (on CPU too);
     parameters, gradients and the AdamW state stay fp32, so there are no separate master
-    weights here, unlike the Megatron engine (bf16 parameters, fp32 master copies)."""
+    weights here, unlike the Megatron engine (bf16 parameters, fp32 master copies). Its
+    checkpoint state is in model space like the Megatron engine's, so either resumes the other.
+    """
+
+    kind = "local"
 
     def __init__(
         self,
@@ -211,79 +348,51 @@ class LocalEngine:
         total_steps: int,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.device = torch.device(device)
+        super().__init__(optim, schedule, total_steps, device)
         self.model = model.to(self.device)
-        self.optim_args = optim
-        self.grad_clip = optim.grad_clip
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, optim.weight_decay),
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_at(step, optim, schedule, total_steps) / optim.lr
-        )
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
         bf16 = self.optim_args.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = self.model(batch["tokens"], batch["position_ids"], step=step)
-        loss_sum, count = lm_loss(logits, batch["labels"], batch["loss_mask"])
-        if self.model.training and injected_nan(step + 1):
-            loss_sum = loss_sum * math.nan
-        return loss_sum, count
+            logits = self.model(
+                batch["tokens"], batch["position_ids"], step, batch.get("padding_mask")
+            )
+        return lm_loss(logits, batch["labels"], batch["loss_mask"])
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
-        t0 = sync_clock(self.device)
-        self.model.train()
-        micro_batches = [self._to_device(b) for b in micro_batches]
-        n_tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)
-        denom = max(n_tokens, 1.0)
-        lr = self.optimizer.param_groups[0]["lr"]
+    def forward_backward(
+        self, local: list[dict[str, torch.Tensor]], step: int, n_tokens: float
+    ) -> float:
         total = 0.0
-        for batch in micro_batches:
-            loss_sum, _ = self._loss(batch, step)
-            (loss_sum / denom).backward()
+        for batch in local:
+            loss_sum = self.with_fault(self._loss(batch, step)[0], step)
+            (loss_sum / max(n_tokens, 1.0)).backward()
             total += float(loss_sum.detach())
-        t1 = sync_clock(self.device)
-        skipped = nonfinite_on_any_rank(total, self.device)
+        return total
+
+    def forward_only(self, local: list[dict[str, torch.Tensor]]) -> float:
+        return sum(float(self._loss(batch, step=0)[0]) for batch in local)
+
+    def update(self, skipped: bool) -> float:
         grad_norm = math.nan
         if not skipped:
             params = [p for p in self.model.parameters() if p.grad is not None]
-            max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+            max_norm = self.optim_args.grad_clip if self.optim_args.grad_clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepStats(
-            loss=total / denom,
-            n_tokens=int(n_tokens),
-            grad_norm=grad_norm,
-            lr=lr,
-            fwd_bwd_s=t1 - t0,
-            optimizer_s=sync_clock(self.device) - t1,
-            skipped=skipped,
-        )
+        return grad_norm
 
-    @torch.no_grad()
-    def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        self.model.eval()
-        # step=0: a fixed random-block draw, so validation losses are comparable over time.
-        loss_sum, n_tokens = self._loss(self._to_device(batch), step=0)
-        return float(loss_sum), int(n_tokens)
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+        return local_sharded_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_local_sharded_state(self, state)

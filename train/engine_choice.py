@@ -1,32 +1,28 @@
-"""Which engine a run uses, how it is built, and engines that checkpoint themselves.
+"""Which engine a run uses and how it is built.
 
     kind = engine_kind(cfg, world)              # "local", "megatron" or "deepspeed"
     engine = build_engine(cfg, kind, layout, device)
-    if isinstance(engine, ExternalCheckpoint): engine.save_checkpoint(directory, tag)
 
 Used by train.loop: `train.engine` auto means the single-process LocalEngine for one process
-without parallel degrees and the Megatron-core engine otherwise; the DeepSpeed engine writes its
-own checkpoint (DeepSpeed's files) into `<checkpoint dir>/engine/step_N/`, and the loop keeps
+without parallel degrees and the Megatron-core engine otherwise. An engine that writes its own
+checkpoint files (DeepSpeed's) puts them into `<checkpoint dir>/engine/step_N/`; the loop keeps
 those directories in step with its own checkpoints (`prune_engine_checkpoints`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
 from model.sparse import sparse_attention
 from model.transformer import Transformer
 from train.config import Config
-from train.engine import Engine, LocalEngine
+from train.engine import Engine, LocalEngine, engine_tag
 
-__all__ = [
-    "engine_kind", "build_engine", "ExternalCheckpoint", "engine_tag", "prune_engine_checkpoints",
-]  # fmt: skip
+__all__ = ["engine_kind", "build_engine", "prune_engine_checkpoints"]
 
 
 def engine_kind(cfg: Config, world: int) -> str:
@@ -44,16 +40,6 @@ def engine_kind(cfg: Config, world: int) -> str:
             "use train.engine=auto, megatron or deepspeed"
         )
     return kind
-
-
-@runtime_checkable
-class ExternalCheckpoint(Protocol):
-    """An engine that writes its tensors with its own checkpointing (DeepSpeed's) into a
-    directory the loop names, rather than through state_dict."""
-
-    def save_checkpoint(self, directory: str | os.PathLike, tag: str) -> None: ...
-
-    def load_checkpoint(self, directory: str | os.PathLike, tag: str) -> None: ...
 
 
 def build_engine(cfg: Config, kind: str, layout: Any, device: torch.device) -> Engine:
@@ -78,10 +64,6 @@ def build_engine(cfg: Config, kind: str, layout: Any, device: torch.device) -> E
         cfg.model, cfg.attention, layout, groups, cfg.optim, cfg.schedule,
         total_steps=targs.steps, seed=targs.seed, device=device,
     )  # fmt: skip
-
-
-def engine_tag(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 def prune_engine_checkpoints(engine_dir: Path, keep: list[int]) -> None:

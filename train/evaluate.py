@@ -64,7 +64,7 @@ def _log_to_wandb(run: Any, result: dict[str, Any]) -> None:
     from train.config import config_to_dict
     from train.metrics import MetricsLogger
 
-    run_id = run.state.get("wandb_run_id")
+    run_id = run.state["progress"]["wandb_run_id"]
     if run_id is None:
         log.warning("--wandb: the checkpoint records no wandb run id; nothing logged")
         return

@@ -6,12 +6,12 @@
     model = Transformer(cfg.model, cfg.attention)      # the run's config.yaml
     model.load_state_dict(torch.load("model.pt"))
 
-A Megatron-engine checkpoint holds its parameters in model space (train.model_space: the
-single-process names and unpadded shapes, written with torch.distributed.checkpoint by any
-layout); this reads them in one process, without torch.distributed, and writes a plain
-`model.transformer.Transformer` state dict (a tied LM head repeats the embedding, as
-Transformer.state_dict does). A one-process (LocalEngine) checkpoint is exported from its own
-file. DeepSpeed checkpoints are not read here (DeepSpeed's zero_to_fp32 does that).
+The local and Megatron engines' checkpoints hold their parameters in model space
+(train.model_space: the single-process names and unpadded shapes, written with
+torch.distributed.checkpoint by any layout); this reads them in one process, without
+torch.distributed, and writes a plain `model.transformer.Transformer` state dict (a tied LM
+head repeats the embedding, as Transformer.state_dict does). DeepSpeed checkpoints are not
+read here (DeepSpeed's zero_to_fp32 does that).
 """
 
 from __future__ import annotations
@@ -52,16 +52,15 @@ def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Ten
     state = _rank0_state(step_dir)
     cfg = config_from_dict(state["config"])
     engine = state.get("engine", {})
-    ref = engine.get("tensors") if isinstance(engine, dict) else None
-    if isinstance(ref, ShardedStateRef):
-        tensors = _read_model_tensors(step_dir / ref.name)
-    elif "engine_tag" in state:
+    if engine.get("deepspeed"):
         raise ValueError(
             f"{step_dir} was written by the DeepSpeed engine: consolidate it with DeepSpeed's "
             "zero_to_fp32 (deepspeed.utils.zero_to_fp32) instead"
         )
-    else:  # a one-process LocalEngine checkpoint
-        tensors = {f"model.{k}": v for k, v in engine["model"].items()}
+    ref = engine.get("tensors")
+    if not isinstance(ref, ShardedStateRef):
+        raise ValueError(f"{step_dir} holds no model-space tensors (written by an older halotron)")
+    tensors = _read_model_tensors(step_dir / ref.name)
     with torch.device("meta"):
         names = Transformer(cfg.model, cfg.attention).state_dict()
     out = {}

@@ -73,7 +73,7 @@ class LoadedRun:
     step: int
     """Optimizer steps of the loaded checkpoint."""
     state: dict[str, Any]
-    """The checkpoint payload (losses, val_history, wandb_run_id, ...)."""
+    """The checkpoint payload (its "progress": losses, val_history, wandb_run_id, ...)."""
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:

@@ -40,7 +40,7 @@ run.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,31 +56,24 @@ from torch import nn
 
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
-from parallel.layout import Layout, ParallelGroups, shard_sequence
+from parallel.layout import Layout, ParallelGroups
 from parallel.megatron_shims import apply_cpu_shims, cuda_typed_parameters
 from parallel.parallel_transformer import ParallelTransformer, parallel_lm_loss
 from parallel.traffic import TrafficCounter
-from train.engine import (
-    Engine,
-    OptimArgs,
-    ScheduleArgs,
-    StepStats,
-    lr_at,
-    nonfinite_on_any_rank,
-    sync_clock,
-)
-from train.preemption import injected_nan
+from train.engine import Engine, OptimArgs, ScheduleArgs
+from train.model_space import load_megatron_sharded_state, megatron_sharded_state
 
 __all__ = ["MegatronEngine"]
 
-STATE_VERSION = 1
 
-
-class MegatronEngine:
-    """One rank's share of a tp x pp x cp x dp training step; implements train.engine.Engine.
+class MegatronEngine(Engine):
+    """One rank's share of a tp x pp x cp x dp training step (train.engine.Engine owns the
+    step's shared parts: learning rate, sequence slice, token count, NaN skip, timing).
 
     `model` is the DistributedDataParallel-wrapped stage, `stage` the ParallelTransformer.
     """
+
+    kind = "megatron"
 
     def __init__(
         self,
@@ -96,17 +89,16 @@ class MegatronEngine:
         distributed_optimizer: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(
+            optim, schedule, total_steps, device, groups.cp_rank, layout.cp, groups.dp_cp
+        )
         apply_cpu_shims()
-        self.device = torch.device(device)
         if self.device.type == "cuda":
             # Megatron-LM's seeding: the tracker's model-parallel state differs per tp rank
             # (dropout inside tp regions); checkpoints save it (train.run_setup.rng_state).
             model_parallel_cuda_manual_seed(seed)
         self.layout = layout
         self.groups = groups
-        self.optim_args = optim
-        self.schedule_args = schedule
-        self.total_steps = total_steps
         self.precision = optim.precision
         self.traffic = TrafficCounter() if layout.cp > 1 else None
         """Bytes and time of the context-parallel exchanges (None without cp)."""
@@ -146,65 +138,43 @@ class MegatronEngine:
             use_gloo_process_groups=False,
         )
 
-    # ---- the step ----------------------------------------------------------------------------
+    # ---- what differs from the other engines (train.engine.Engine) --------------------------
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepStats:
-        t0 = sync_clock(self.device)
-        self.model.train()
+    def forward_backward(
+        self, local: list[dict[str, torch.Tensor]], step: int, n_tokens: float
+    ) -> float:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        lr = self._set_lr(step)
-        local = [self._local(b) for b in micro_batches]
-        loss_sum, n_tokens = self._run_schedule(local, micro_batches, step, forward_only=False)
-        t1 = sync_clock(self.device)
-        # Before optimizer.step: a NaN/Inf step leaves parameters and optimizer state alone
-        # (the gradient buffers are zeroed at the start of the next step).
-        skipped = nonfinite_on_any_rank(loss_sum, self.device)
-        grad_norm = None
-        if not skipped:
-            _, grad_norm, _ = self.optimizer.step()
-        return StepStats(
-            loss=loss_sum / max(n_tokens, 1.0),
-            n_tokens=int(n_tokens),
-            grad_norm=math.nan if grad_norm is None else float(grad_norm),
-            lr=lr,
-            fwd_bwd_s=t1 - t0,
-            optimizer_s=sync_clock(self.device) - t1,
-            skipped=skipped,
-        )
+        return self._run_schedule(local, step, forward_only=False)
 
-    @torch.no_grad()
-    def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        """(summed loss, tokens) of `batch` over every cp slice and dp rank (each dp rank passes
-        its own batch); step=0 fixes the random-block draw."""
-        self.model.eval()
-        local = [self._local(batch)]
-        loss_sum, n_tokens = self._run_schedule(local, [batch], 0, forward_only=True)
-        return loss_sum, int(n_tokens)
+    def forward_only(self, local: list[dict[str, torch.Tensor]]) -> float:
+        return self._run_schedule(local, 0, forward_only=True)
 
-    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This cp rank's slice of `batch` (the step boundary), on the engine's device."""
-        local = shard_sequence(batch, self.groups.cp_rank, self.layout.cp)
-        return {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+    def update(self, skipped: bool) -> float:
+        # A skipped step's gradients stay in the buffers until the next step zeroes them.
+        if skipped:
+            return math.nan
+        _, grad_norm, _ = self.optimizer.step()
+        return math.nan if grad_norm is None else float(grad_norm)
 
-    def _set_lr(self, step: int) -> float:
-        """lr_at(step) and the weight decay on Megatron's parameter groups, scaled by their
-        lr_mult / wd_mult (0 for norms) as Megatron's own scheduler does."""
-        lr = lr_at(step, self.optim_args, self.schedule_args, self.total_steps)
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def set_lr(self, step: int) -> float:
+        """The base's learning rate, and the weight decay times each group's wd_mult (0 for
+        norms and biases), as Megatron's own scheduler sets them."""
+        lr = super().set_lr(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.optim_args.weight_decay * group.get("wd_mult", 1.0)
         return lr
 
     def _run_schedule(
-        self,
-        local: list[dict[str, torch.Tensor]],
-        full: list[dict[str, torch.Tensor]],
-        step: int,
-        forward_only: bool,
-    ) -> tuple[float, float]:
-        """Megatron's forward/backward over the micro-batches; the summed loss and tokens of
-        the whole step (all stages, cp slices and dp ranks)."""
+        self, local: list[dict[str, torch.Tensor]], step: int, forward_only: bool
+    ) -> float:
+        """Megatron's forward/backward over this rank's micro-batches (with summed losses and
+        token counts, `calculate_per_token_loss`: finalize_model_grads divides the gradients
+        by the step's tokens); the summed loss of the whole step (all stages, cp slices and dp
+        ranks)."""
         stage = self.stage
 
         def forward_step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Any]:
@@ -215,8 +185,8 @@ class MegatronEngine:
                 loss_sum, count = parallel_lm_loss(
                     logits, batch["labels"], batch["loss_mask"], stage
                 )
-                if not forward_only and injected_nan(step + 1):
-                    loss_sum = loss_sum * math.nan
+                if not forward_only:
+                    loss_sum = self.with_fault(loss_sum, step)
                 return loss_sum, count.int(), {"loss_sum": loss_sum.detach(), "count": count}
 
             return output, loss_func
@@ -226,18 +196,18 @@ class MegatronEngine:
             data_iterator=iter(local),
             model=[self.ddp],
             num_microbatches=len(local),
-            seq_length=full[0]["tokens"].shape[1],
-            micro_batch_size=full[0]["tokens"].shape[0],
+            seq_length=local[0]["tokens"].shape[1] * self.layout.cp,
+            micro_batch_size=local[0]["tokens"].shape[0],
             forward_only=forward_only,
         )
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
         for out in outputs:  # only the last stage has any
-            totals += torch.stack([out["loss_sum"], out["count"]]).double()
+            total += out["loss_sum"].double()
         if self.groups.dp_cp.size() > 1:
-            dist.all_reduce(totals, group=self.groups.dp_cp)
+            dist.all_reduce(total, group=self.groups.dp_cp)
         if self.layout.pp > 1:
-            dist.all_reduce(totals, group=self.groups.pp)
-        return float(totals[0]), float(totals[1])
+            dist.all_reduce(total, group=self.groups.pp)
+        return float(total)
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -264,78 +234,10 @@ class MegatronEngine:
         return masters
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shards: the stage's parameters, the AdamW state of the parameter shards
-        it updates and, in bf16, their fp32 master weights, with the layout and precision they
-        belong to (resume needs the same)."""
-        return {
-            "version": STATE_VERSION,
-            "layout": self._layout_key(),
-            "precision": self.precision,
-            "model": self.stage.state_dict(),
-            "optimizer": [opt.state_dict() for opt in self._torch_optimizers()],
-            "master_params": [
-                [[p.detach().clone() for p in group] for group in groups]
-                for groups in self._master_params()
-            ],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"engine state version {state.get('version')!r} is not {STATE_VERSION}; "
-                "it was written by another version of the Megatron engine"
-            )
-        if state["layout"] != self._layout_key():
-            raise ValueError(
-                f"the checkpoint was written with parallel (tp, pp, cp, dp) = {state['layout']} "
-                f"but this run uses {self._layout_key()}; this per-rank state loads only under its "
-                "own layout (checkpoints reshard through sharded_state_dict)"
-            )
-        precision = state.get("precision", "fp32")
-        if precision != self.precision:
-            raise ValueError(
-                f"the checkpoint was written with optim.precision={precision!r} but this run "
-                f"uses {self.precision!r}; changing precision on resume is not supported"
-            )
-        self.stage.load_state_dict(state["model"])
-        if "master_params" in state:  # absent from fp32 states written before bf16 existed
-            self._load_master_params(state["master_params"])
-        optimizers = self._torch_optimizers()
-        if len(optimizers) != len(state["optimizer"]):
-            raise ValueError(
-                f"the checkpoint holds {len(state['optimizer'])} optimizer states, this run "
-                f"has {len(optimizers)}: it was written with other optimizer settings"
-            )
-        for opt, opt_state in zip(optimizers, state["optimizer"], strict=True):
-            opt.load_state_dict(opt_state)
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """The checkpoint state: parameters and AdamW state in the single-process model's
-        names and shapes (train.model_space), which any other layout loads. Collective."""
-        from train.model_space import megatron_sharded_state
-
+        """Parameters and AdamW state in model space (train.model_space), which any layout
+        and the one-process engine load. Collective over the engine's groups."""
         return megatron_sharded_state(self)
 
-    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a `sharded_state_dict` saved under any layout (via CheckpointManager)."""
-        from train.model_space import load_megatron_sharded_state
-
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a `state_dict` saved under any layout or engine (via CheckpointManager)."""
         load_megatron_sharded_state(self, state)
-
-    @torch.no_grad()
-    def _load_master_params(self, saved: list[list[list[torch.Tensor]]]) -> None:
-        masters = self._master_params()
-        shapes = [[[p.shape for p in g] for g in groups] for groups in masters]
-        if shapes != [[[p.shape for p in g] for g in groups] for groups in saved]:
-            raise ValueError(
-                "the checkpoint's fp32 master weights do not match this run's optimizer "
-                "shards: it was written with other optimizer settings"
-            )
-        for groups, saved_groups in zip(masters, saved, strict=True):
-            for group, saved_group in zip(groups, saved_groups, strict=True):
-                for param, value in zip(group, saved_group, strict=True):
-                    param.copy_(value)
-
-
-if TYPE_CHECKING:  # mypy checks that the loop can use this engine where it takes an Engine
-    _implements_engine: type[Engine] = MegatronEngine

@@ -1,8 +1,9 @@
-"""The Megatron engine's training state in model space: what makes its checkpoints reshard.
+"""The engines' training state in model space: what makes checkpoints reshard.
 
     state = megatron_sharded_state(engine)          # {"version", "layout", ..., "tensors"}
     manager.save(step, {"engine": state, ...}, config)   # tensors written with DCP
     load_megatron_sharded_state(engine, loaded["engine"])  # any tp / pp / cp / dp layout
+    local_sharded_state(engine) / load_local_sharded_state(engine, state)  # one process
 
 Every tensor is keyed by the single-process model's parameter name and has its unpadded
 shape: `model.<name>` the parameter (in bf16 runs the fp32 master weights, the exact values),
@@ -19,17 +20,41 @@ in the weights and moments (their gradient is always zero), so they load as zero
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from train.sharded_state import ShardedState, ShardedStateRef
 
-if TYPE_CHECKING:
-    from train.megatron_engine import MegatronEngine
 
-__all__ = ["SHARDED_VERSION", "megatron_sharded_state", "load_megatron_sharded_state"]
+class MegatronState(Protocol):
+    """What is read of a MegatronEngine (train.megatron_engine) here."""
+
+    stage: Any
+    """The ParallelTransformer: named_parameters, sharded_pieces."""
+    optimizer: Any
+    """Megatron's (chained, distributed or mixed-precision) optimizer."""
+    groups: Any
+    device: torch.device
+    precision: str
+
+    def _layout_key(self) -> list[int]: ...
+
+
+class LocalState(Protocol):
+    """What is read of a LocalEngine (train.engine) here."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    """torch's AdamW."""
+    optim_args: Any
+
+
+__all__ = [
+    "SHARDED_VERSION", "megatron_sharded_state", "load_megatron_sharded_state",
+    "local_sharded_state", "load_local_sharded_state",
+]  # fmt: skip
 
 SHARDED_VERSION = 2
 """Version of the engine's model-space state (1 was the per-rank, same-layout state_dict)."""
@@ -51,7 +76,7 @@ class _Owned:
         return self.opt.state.setdefault(self.main, {})
 
 
-def _owned_ranges(engine: MegatronEngine) -> tuple[dict[torch.Tensor, _Owned], Any]:
+def _owned_ranges(engine: MegatronState) -> tuple[dict[torch.Tensor, _Owned], Any]:
     """Per model parameter this rank's _Owned range, and the group over which the ranges are
     split (None when every rank holds its parameters' whole state)."""
     owned: dict[torch.Tensor, _Owned] = {}
@@ -78,12 +103,26 @@ def _owned_ranges(engine: MegatronEngine) -> tuple[dict[torch.Tensor, _Owned], A
     return owned, group
 
 
+def _checked_ref(state: dict[str, Any]) -> ShardedStateRef:
+    """The tensors of a model-space engine state, after checking its version."""
+    if state.get("version") != SHARDED_VERSION:
+        raise ValueError(
+            f"engine state version {state.get('version')!r} is not {SHARDED_VERSION}: it was "
+            "written by another version of halotron's engines, or by the DeepSpeed engine "
+            "(whose checkpoints resume only with train.engine=deepspeed)"
+        )
+    ref = state.get("tensors")
+    if not isinstance(ref, ShardedStateRef):
+        raise TypeError("the engine state's tensors must come from CheckpointManager.load_latest")
+    return ref
+
+
 def _adam_step(owned: dict[torch.Tensor, _Owned]) -> int:
     steps = [int(o.state()["step"]) for o in owned.values() if "step" in o.state()]
     return max(steps, default=0)
 
 
-def megatron_sharded_state(engine: MegatronEngine) -> dict[str, Any]:
+def megatron_sharded_state(engine: MegatronState) -> dict[str, Any]:
     """The engine's state in model space (module doc); collective over the engine's groups."""
     stage = engine.stage
     params = dict(stage.named_parameters())
@@ -128,17 +167,9 @@ def megatron_sharded_state(engine: MegatronEngine) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load_megatron_sharded_state(engine: MegatronEngine, state: dict[str, Any]) -> None:
+def load_megatron_sharded_state(engine: MegatronState, state: dict[str, Any]) -> None:
     """Load a model-space state written under any layout (collective: DCP reads)."""
-    if state.get("version") != SHARDED_VERSION:
-        raise ValueError(
-            f"engine state version {state.get('version')!r} is not {SHARDED_VERSION}: it was "
-            "written by another version of the Megatron engine (version 1 states are per-rank "
-            "and load only through MegatronEngine.load_state_dict under the same layout)"
-        )
-    ref = state["tensors"]
-    if not isinstance(ref, ShardedStateRef):
-        raise TypeError("the engine state's tensors must come from CheckpointManager.load_latest")
+    ref = _checked_ref(state)
     if state["layout"] != engine._layout_key():
         log.info(
             "resharding the Megatron state from (tp, pp, cp, dp) = %s to %s",
@@ -166,13 +197,60 @@ def load_megatron_sharded_state(engine: MegatronEngine, state: dict[str, Any]) -
         own = owned.get(param)
         if own is None:
             continue
-        own.main.copy_(locals_["model", name].view(-1)[own.start : own.end])
+        # DistributedOptimizer: a flat range; the other optimizers: the parameter's shape.
+        shape = own.main.shape
+        own.main.copy_(locals_["model", name].view(-1)[own.start : own.end].view(shape))
         opt_state = own.state()
         for kind in KINDS[1:]:
-            value = locals_[kind, name].view(-1)[own.start : own.end].to(own.main.dtype)
-            opt_state[_STATE_OF_KIND[kind]] = value.clone()
+            value = locals_[kind, name].view(-1)[own.start : own.end].view(shape)
+            opt_state[_STATE_OF_KIND[kind]] = value.to(own.main.dtype).clone()
         opt_state["step"] = step.clone()
     for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
         for group in opt.optimizer.param_groups:  # fused Adams keep the step per group
             if "step" in group:
                 group["step"] = int(step)
+
+
+def local_sharded_state(engine: LocalState) -> dict[str, Any]:
+    """The one-process engine's state in model space: the same tensors as a Megatron
+    engine's (module doc), each whole, so that either engine resumes the other's checkpoint."""
+    tensors = ShardedState()
+    opt_state = engine.optimizer.state
+    for name, param in engine.model.named_parameters():  # a tied weight appears once
+        state = opt_state.get(param, {})
+        for kind in KINDS:
+            key = _STATE_OF_KIND[kind]
+            value = param if key == "param" else state.get(key, torch.zeros_like(param))
+            origin = (0,) * param.dim()
+            tensors.add(f"{kind}.{name}", param.shape, [(origin, value.detach().float())])
+    steps = [int(s["step"]) for s in opt_state.values() if "step" in s]
+    return {
+        "version": SHARDED_VERSION,
+        "layout": [1, 1, 1, 1],
+        "precision": engine.optim_args.precision,
+        "adam_step": max(steps, default=0),
+        "tensors": tensors,
+    }
+
+
+@torch.no_grad()
+def load_local_sharded_state(engine: LocalState, state: dict[str, Any]) -> None:
+    """Load a model-space state written by any engine and layout into the one-process engine."""
+    ref = _checked_ref(state)
+    template = ShardedState()
+    buffers: dict[tuple[str, str], torch.Tensor] = {}
+    named = dict(engine.model.named_parameters())
+    for kind in KINDS:
+        for name, param in named.items():
+            buffer = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            buffers[kind, name] = buffer
+            template.add(f"{kind}.{name}", param.shape, [((0,) * param.dim(), buffer)])
+    ref.load_into(template)
+    step = torch.tensor(float(state["adam_step"]))
+    for name, param in named.items():
+        param.copy_(buffers["model", name])
+        if state["adam_step"] > 0:
+            opt_state = engine.optimizer.state[param]
+            opt_state["exp_avg"] = buffers["optim.exp_avg", name].to(param.dtype)
+            opt_state["exp_avg_sq"] = buffers["optim.exp_avg_sq", name].to(param.dtype)
+            opt_state["step"] = step.clone()

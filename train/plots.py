@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if state is None:
         print(f"error: no complete checkpoint in {run_dir}", file=sys.stderr)
         return 2
-    losses = [float(v) for v in state.get("losses", [])]
-    val = [(int(s), float(v)) for s, v in state.get("val_history", [])]
+    progress = state["progress"]
+    losses = [float(v) for v in progress["losses"]]
+    val = [(int(s), float(v)) for s, v in progress["val_history"]]
     out = Path(args.out) if args.out else run_dir / "loss.png"
     plot_losses(losses, val, out, f"{run_dir.name}: step {state['step']}")
     log.info("wrote %s (%d steps, %d evaluations)", out, len(losses), len(val))

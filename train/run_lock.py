@@ -10,7 +10,8 @@ empties it. A file still naming a holder when the lock is free is what a run tha
 behind: it is taken over, with a log line naming the dead run. On a filesystem without flock
 the run goes on unlocked, with a warning.
 
-`python -m train` takes it on rank 0 (the other ranks of a launch share rank 0's run).
+The Trainer (train.loop) takes it on rank 0, once its input is checked and before anything is
+written (the other ranks of a launch share rank 0's run).
 """
 
 from __future__ import annotations

@@ -22,14 +22,13 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
-    "Piece", "ShardedState", "ShardedStateRef", "ShardedEngine", "sharded_values",
-    "replace_sharded",
+    "Piece", "ShardedState", "ShardedStateRef", "sharded_values", "replace_sharded",
 ]  # fmt: skip
 
 Piece = tuple[tuple[int, ...], torch.Tensor]
@@ -101,6 +100,9 @@ class ShardedState:
             ]
             if others and world == 1:
                 raise ValueError(f"{key}: a one-process state must hold the whole tensor")
+            if not dist.is_initialized():  # ShardedTensor wants a process group; DCP does not
+                out[key] = shards[0].tensor
+                continue
             metadata = ShardedTensorMetadata(
                 [s.metadata for s in shards] + others,
                 entry.shape,
@@ -273,13 +275,3 @@ def replace_sharded(state: dict[str, Any]) -> dict[str, Any]:
             parent = name.split(".", 1)[0]
             out[parent] = {**out[parent], key: ShardedStateRef(name)}
     return out
-
-
-@runtime_checkable
-class ShardedEngine(Protocol):
-    """An engine whose checkpoint state holds a ShardedState (the Megatron engine): the loop
-    saves `sharded_state_dict()` instead of `state_dict()`, and it loads under any layout."""
-
-    def sharded_state_dict(self) -> dict[str, Any]: ...
-
-    def load_sharded_state_dict(self, state: dict[str, Any]) -> None: ...

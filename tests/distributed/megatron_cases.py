@@ -11,7 +11,9 @@ and its parameter shards named as in the single-process model.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -119,6 +121,21 @@ def parity_rank(rank: int, world: int, runs: list[Run]) -> list[dict]:
     return [_parity_run(world, run) for run in runs]
 
 
+def _through_disk(state: dict) -> dict:
+    """`state` with its model-space tensors written to a directory (every rank's pieces, as a
+    checkpoint does) and replaced by the reference that loads them back."""
+    import tempfile
+
+    from train.sharded_state import ShardedStateRef
+
+    where = [tempfile.mkdtemp(prefix="halotron-resume-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    path = Path(where[0]) / "engine.tensors"
+    state["tensors"].save(path)
+    dist.barrier()
+    return {**state, "tensors": ShardedStateRef(path.name, path)}
+
+
 def _parity_run(world: int, run: Run) -> dict:
     from parallel.layout import Layout
     from train.config import ParallelArgs
@@ -150,9 +167,12 @@ def _parity_run(world: int, run: Run) -> dict:
         stats = []
         for step in range(run.steps):
             if step == run.resume_after:
-                state = engine.state_dict()
+                state = _through_disk(engine.state_dict())
                 engine = build()  # starts again from the seed's weights ...
                 engine.load_state_dict(state)  # ... and continues from the saved step
+                dist.barrier()
+                if dist.get_rank() == 0:
+                    shutil.rmtree(state["tensors"].path.parent)
             data = batches(case, 0 if run.fixed_batch else step)
             stats.append(engine.train_step(data[lo : lo + per_dp], step))
         # The gradient buffer of the last step (reduced where this rank owns it).

@@ -7,8 +7,10 @@ manager, data stream and Megatron engine):
   (exact: same losses, bit-identical final parameters and AdamW state), TP1xCP4, TP4 and
   PP2xTP2 (same losses within 1e-5);
 - PP2xDP2 trains 4 steps, and resumes from its step 2 exactly;
-- then rank 0 alone resumes the TP2xCP2 checkpoint in one process (the Megatron engine on a
-  one-rank layout) and checks the one-process LocalEngine's exact resume.
+- first (in the pytest process) the one-process LocalEngine trains 4 steps; its step-2
+  checkpoint is resumed by the four ranks as TP2xCP2 (same losses within 1e-5);
+- then rank 0 alone resumes the TP2xCP2 checkpoint in one process (the LocalEngine reads the
+  Megatron engine's model-space state) and checks the LocalEngine's own exact resume.
 The pytest process exports the reference's final checkpoint (train.export) and evaluates it in
 a single-process Transformer: the same validation loss as the sharded run.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import run_ranks
+from tests.model_space import model_space
 from tests.unit.test_train import TINY
 
 STEPS, SAVED = 4, 2
@@ -64,7 +66,12 @@ def reshard_rank(rank: int, world: int, data: str, root: str) -> dict:
     )
     root_dir = Path(root)
     out: dict = {}
-    ref = _train(data, root_dir / "ref", ["parallel.tp=2", "parallel.cp=2"])
+    # The one-process run the pytest process trained (`runs`), resumed as TP2xCP2.
+    _copy_step(root_dir / "local", root_dir / "from_local", SAVED)
+    tp2cp2 = ["parallel.tp=2", "parallel.cp=2"]
+    from_local = _train(data, root_dir / "from_local", tp2cp2, resume="yes")
+    out["from_local"] = (from_local.start_step, from_local.losses)
+    ref = _train(data, root_dir / "ref", tp2cp2)
     out["ref"] = ref.losses
     out["ref_val"] = ref.val_loss
     for name, layout in {"tp2cp2": ["parallel.tp=2", "parallel.cp=2"], **RESHARD}.items():
@@ -83,40 +90,24 @@ def reshard_rank(rank: int, world: int, data: str, root: str) -> dict:
     _copy_step(root_dir / "ref", root_dir / "one", SAVED)
     one = _train(data, root_dir / "one", [], resume="yes")
     out["one"] = (one.start_step, one.losses)
-    out["local"] = _train(data, root_dir / "local", []).losses
     _copy_step(root_dir / "local", root_dir / "local_resumed", SAVED)
     out["local_resumed"] = _train(data, root_dir / "local_resumed", [], resume="yes").losses
     return out
 
 
 def _model_space(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """Every tensor (parameters and AdamW moments) of a Megatron checkpoint, consolidated."""
-    import torch.distributed.checkpoint as dcp
-
-    from train.sharded_state import ShardedStateRef
-
-    path = run_dir / "checkpoints" / f"step_{step:06d}" / "engine.tensors"
-    tensors = {k: torch.zeros(s) for k, s in ShardedStateRef(path.name, path).shapes().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "loading in a single process"
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    return tensors
-
-
-def _local_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(
-        run_dir / "checkpoints" / f"step_{STEPS:06d}" / "state.pt", weights_only=False
-    )
-    return state["engine"]["model"]
+    """Every tensor (parameters and AdamW moments) of a checkpoint, consolidated."""
+    return model_space(run_dir / "checkpoints" / f"step_{step:06d}")
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_prepared_data, tmp_path_factory) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("reshard")
+    local = _train(str(tiny_prepared_data), root / "local", []).losses  # one process, here
     results = run_ranks(
         reshard_rank, world=4, args=(str(tiny_prepared_data), str(root)), timeout=900
     )
-    return results[0], root
+    return {**results[0], "local": local}, root
 
 
 @pytest.mark.timeout(1000)
@@ -138,6 +129,16 @@ def test_tp2cp2_resumes_exactly_and_reshards_to_other_layouts(runs):
     assert (root / "one" / "checkpoints" / "step_000004" / "engine.tensors").is_dir()
 
 
+def test_a_one_process_checkpoint_resumes_under_tp2cp2(runs):
+    got, _ = runs
+    local = got["local"]
+    assert len(local) == STEPS and local[-1] < local[0]
+    start, losses = got["from_local"]
+    assert start == SAVED and losses[:SAVED] == local[:SAVED]
+    err = max(abs(a - b) for a, b in zip(losses[SAVED:], local[SAVED:], strict=True))
+    assert err < 1e-5, (losses, local)
+
+
 def test_pp2dp2_and_one_process_resume_exactly(runs):
     got, root = runs
     assert got["pp2dp2_resumed"] == got["pp2dp2"]
@@ -145,7 +146,10 @@ def test_pp2dp2_and_one_process_resume_exactly(runs):
     for key, tensor in want.items():
         assert torch.equal(tensor, same[key]), key
     assert got["local_resumed"] == got["local"]
-    local, resumed = _local_params(root / "local"), _local_params(root / "local_resumed")
+    local, resumed = (
+        _model_space(root / "local", STEPS),
+        _model_space(root / "local_resumed", STEPS),
+    )
     for key, tensor in local.items():
         assert torch.equal(tensor, resumed[key]), key
 

@@ -2,8 +2,8 @@
 
 - ZeRO-3 with context parallelism (cp=2) on 2 ranks (torchrun, started through
   `python -m launch torchrun --run`), 4 steps of 2 accumulated micro-batches, checkpointing
-  DeepSpeed's way (engine.save_checkpoint under checkpoints/engine/step_N/) next to the loop's
-  per-rank files; then 2 steps, a new set of processes resuming (engine.load_checkpoint) for 2
+  DeepSpeed's way (its engine state_dict writes checkpoints/engine/step_N/) next to the loop's
+  per-rank files; then 2 steps, a new set of processes resuming (engine.load_state_dict) for 2
   more: losses and final fp32 parameters (zero_to_fp32) equal the uninterrupted run's.
 - ZeRO-1 with Megatron tensor parallelism, TP2 x DP2 on 4 ranks, the same way: DeepSpeed writes
   one model-states file per tp rank and one optimizer shard per (dp, tp) rank; the resumed
@@ -83,7 +83,7 @@ def _run_and_resume(common: list[str], nproc: int, tmp_path: Path) -> tuple[Path
         [*torchrun, f"train.run_dir={split}", f"train.steps={STEPS}", "--resume"], tmp_path
     )
     assert f"resuming from step {STEPS // 2}" in resumed
-    want, got = _state(full)["losses"], _state(split)["losses"]
+    want, got = _state(full)["progress"]["losses"], _state(split)["progress"]["losses"]
     assert len(got) == STEPS and got == pytest.approx(want, abs=1e-6), (got, want)
     return full, split, out
 
@@ -139,5 +139,5 @@ def test_deepspeed_launcher_with_localhost_hostfile(tiny_prepared_data, tmp_path
     )  # fmt: skip
     assert "deepspeed engine, layout tp=1 pp=1 cp=1 dp=2" in out
     state = _state(run_dir)
-    assert state["step"] == 2 and len(state["losses"]) == 2
+    assert state["step"] == 2 and len(state["progress"]["losses"]) == 2
     assert (run_dir / "checkpoints" / "step_000002" / "state_rank00001.pt").is_file()

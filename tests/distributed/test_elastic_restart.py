@@ -93,7 +93,7 @@ def _same_run(run_dir: Path, reference: Path) -> None:
     for rank in range(2):
         got, want = _state(run_dir, rank), _state(reference, rank)
         assert got["step"] == STEPS
-        assert got["losses"] == pytest.approx(want["losses"], abs=1e-6)
+        assert got["progress"]["losses"] == pytest.approx(want["progress"]["losses"], abs=1e-6)
     got_model, want_model = (
         consolidated_state_dict(run_dir)[0],
         consolidated_state_dict(reference)[0],
@@ -134,7 +134,7 @@ def test_sigterm_checkpoints_on_every_rank_and_resumes(tiny_prepared_data, unint
     assert "launch.agent: SIGTERM passed to the workers" in text
     for rank in range(2):  # every rank stopped after the same step and saved it
         assert _state(run_dir, rank)["step"] == 3
-        assert len(_state(run_dir, rank)["losses"]) == 3
+        assert len(_state(run_dir, rank)["progress"]["losses"]) == 3
 
     ((code, text),) = _wait([_single([*args, "--resume"], _env(tmp_path))], timeout=240)
     assert code == 0, text[-6000:]

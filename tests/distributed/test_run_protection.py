@@ -148,8 +148,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(180)
 def test_a_hung_peer_fails_with_the_name_of_the_group(tiny_prepared_data, tmp_path):
-    """Rank 1 sleeps before step 2; rank 0 waits for it in the cp group's first exchange and,
-    after parallel.timeout_minutes (3 s), fails naming that group and the step."""
+    """Rank 1 sleeps before step 2; rank 0 waits for it in the step's first collective (the
+    token count over the data x context ranks, train.engine.Engine.count_tokens) and, after
+    parallel.timeout_minutes (3 s), fails naming that group and the step."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "train",
@@ -159,9 +160,8 @@ def test_a_hung_peer_fails_with_the_name_of_the_group(tiny_prepared_data, tmp_pa
     code, stdout, stderr = run_session(cmd, _env(tmp_path), timeout=150)
     out = stdout + stderr
     assert code != 0, out[-3000:]
-    assert "rank 0: a collective on the cp group (CONTEXT_PARALLEL_GROUP, global ranks [0, 1])" in (
-        out
-    ), out[-6000:]
+    group = "dp_cp group (DATA_PARALLEL_GROUP_WITH_CP, global ranks [0, 1])"
+    assert f"rank 0: a collective on the {group}" in out, out[-6000:]
     assert "failed during step 2" in out and "parallel.timeout_minutes=0.05" in out
 
 

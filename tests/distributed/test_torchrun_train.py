@@ -55,7 +55,7 @@ def _losses(run_dir: Path, name: str) -> list[float]:
     ckpt = run_dir / "checkpoints"
     latest = (ckpt / "latest").read_text().strip()
     state = torch.load(ckpt / latest / name, weights_only=False)
-    return state["losses"]
+    return state["progress"]["losses"]
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,12 @@ def test_bad_value_type_names_the_key(override, key):
     [
         ("train.steps=0", "train.steps"),
         ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.weight_decay=nan", "optim.weight_decay"),
+        ("optim.grad_clip=inf", "optim.grad_clip"),
+        ("schedule.min_lr=inf", "schedule.min_lr"),
         ("attention.window_blocks=0", "attention.window_blocks"),
         ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
         ("logging.wandb_mode=loud", "logging.wandb_mode"),

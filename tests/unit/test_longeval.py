@@ -164,7 +164,9 @@ def test_evaluate_logs_into_the_runs_wandb_run(trained_run, tmp_path):
     from train.checkpoint import CheckpointArgs, CheckpointManager
     from train.evaluate import main
 
-    run_id = CheckpointManager(CheckpointArgs(), trained_run).load_latest()["wandb_run_id"]
+    run_id = CheckpointManager(CheckpointArgs(), trained_run).load_latest()["progress"][
+        "wandb_run_id"
+    ]
     args = ["--checkpoint", str(trained_run), "--out", str(tmp_path / "e.json"), "--wandb"]
     args += ["--val-batches", "1", "--trials", "1", "--candidates", "2", "--depths", "0.5"]
     args += ["--contexts", "256"]

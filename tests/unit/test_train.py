@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.model_space import model_space
 from train.__main__ import main
 from train.checkpoint import CheckpointArgs, CheckpointManager
 from train.config import config_to_dict, load_config
@@ -91,7 +92,7 @@ def test_training_run_learns_and_records_everything(data_dir, tmp_path, wandb_en
     out = capsys.readouterr().out
     assert "steps 30" in out and "val loss" in out
 
-    state = CheckpointManager(CheckpointArgs(), run_dir).load_latest()
+    state = CheckpointManager(CheckpointArgs(), run_dir).load_latest()["progress"]
     losses = state["losses"]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -129,13 +130,15 @@ def test_resume_continues_exactly(data_dir, tmp_path, wandb_env):
     # Single process, fp32: the continued run is bit-identical to the uninterrupted one.
     assert resumed.losses == whole.losses
     manager = CheckpointManager(CheckpointArgs(), run_dir)
-    final = manager.load_latest()["engine"]
-    reference = CheckpointManager(CheckpointArgs(), tmp_path / "whole").load_latest()["engine"]
-    for name, tensor in reference["model"].items():
-        assert torch.equal(final["model"][name], tensor), name
+    # Parameters and AdamW moments too.
+    final = model_space(manager.path_of(6))
+    reference = model_space(CheckpointManager(CheckpointArgs(), tmp_path / "whole").path_of(6))
+    assert final.keys() == reference.keys() and any(k.startswith("optim.exp_avg.") for k in final)
+    for name, tensor in reference.items():
+        assert torch.equal(final[name], tensor), name
     assert resumed.tokens == whole.tokens
     # wandb continues the same run id (offline, wandb writes it into a second directory).
-    run_id = manager.load_latest()["wandb_run_id"]
+    run_id = manager.load_latest()["progress"]["wandb_run_id"]
     assert first.wandb_dir and resumed.wandb_dir and first.wandb_dir != resumed.wandb_dir
     for wandb_dir in (first.wandb_dir, resumed.wandb_dir):
         assert (Path(wandb_dir).parent / f"run-{run_id}.wandb").is_file()

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.model_space import model_space
 from tests.nested import same_nested
 from tests.unit import test_train
 from tests.unit.test_train import TINY, _cfg, _wandb_file
 from tests.unit.wandb_history import wandb_history
 from train.__main__ import main
+from train.engine import lr_at
 from train.loop import train
 from train.step_metrics import TIME_PARTS
 
@@ -87,21 +89,26 @@ def test_a_nan_step_is_skipped_and_training_continues(data_dir, tmp_path, wandb_
     assert result.steps == 3 and result.skipped_steps == 1
     assert math.isfinite(result.losses[0]) and math.isnan(result.losses[1])
     assert math.isfinite(result.losses[2])
+    # Means leave the skipped step out (the summary line and wandb's final loss use them).
+    assert result.mean_loss(first=True) == (result.losses[0] + result.losses[2]) / 2
     one, two, three = (_state(run_dir, s) for s in (1, 2, 3))
+    tensors = [model_space(run_dir / "checkpoints" / f"step_{s:06d}") for s in (1, 2, 3)]
     # The skipped step changed neither the parameters nor the AdamW state (moments, step count).
-    assert same_nested(one["engine"]["model"], two["engine"]["model"])
-    assert same_nested(one["engine"]["optimizer"]["state"], two["engine"]["optimizer"]["state"])
-    # The schedule follows the step number: step 3 uses step 3's learning rate.
-    assert two["engine"]["scheduler"]["last_epoch"] == 2
+    assert same_nested(tensors[0], tensors[1])
+    assert one["engine"]["adam_step"] == two["engine"]["adam_step"] == 1
     # The next step trains again, from finite parameters.
-    after = three["engine"]["model"]
-    assert not same_nested(two["engine"]["model"], after)
-    assert all(torch.isfinite(t).all() for t in after.values())
-    assert three["skipped_steps"] == 1
+    assert not same_nested(tensors[1], tensors[2])
+    assert all(torch.isfinite(t).all() for t in tensors[2].values())
+    assert three["engine"]["adam_step"] == 2 and three["progress"]["skipped_steps"] == 1
     history = wandb_history(_wandb_file(run_dir), last_step=3)
     rows = {r["_step"]: r for r in history if "train/loss" in r}
     assert [rows[s]["train/skipped_steps"] for s in (1, 2, 3)] == [0, 1, 1]
     assert math.isnan(rows[2]["train/grad_norm"])
+    # The schedule follows the step number: step 3 uses step 3's learning rate.
+    cfg = _cfg(data_dir, run_dir, *args)
+    want = lr_at(2, cfg.optim, cfg.schedule, cfg.train.steps)
+    assert want != lr_at(1, cfg.optim, cfg.schedule, cfg.train.steps)
+    assert rows[3]["train/lr"] == pytest.approx(want, rel=1e-6)
 
 
 def test_consecutive_nan_steps_stop_the_run_after_a_checkpoint(
@@ -117,6 +124,7 @@ def test_consecutive_nan_steps_stop_the_run_after_a_checkpoint(
     assert "train.max_nan_skips=3" in err
     steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert steps == [1, 2, 3, 4]
-    last = _state(run_dir, 4)
+    last = _state(run_dir, 4)["progress"]
     assert last["skipped_steps"] == 3 and len(last["losses"]) == 4
-    assert same_nested(_state(run_dir, 1)["engine"]["model"], last["engine"]["model"])
+    first, after = (model_space(run_dir / "checkpoints" / f"step_{s:06d}") for s in (1, 4))
+    assert same_nested(first, after)
