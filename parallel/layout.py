@@ -13,13 +13,17 @@ sequence parallelism) tp must be > 1 (refused otherwise, as Megatron's own confi
 nothing to split over) and divide each cp rank's n = seq_len / cp tokens. Every failure is a
 ValueError naming the key.
 `initialize()` builds the groups with megatron-core's parallel_state (rank order tp, cp, dp, pp:
-tp varies fastest), so the cp group handed to `cp_sparse_attention` is Megatron's
-context-parallel group. Shapes: b batch, n tokens.
+tp varies fastest) once, and returns them as `ParallelGroups`; from there every user gets them
+explicitly: the model's layers and `cp_sparse_attention`, megatron-core's DDP, optimizer,
+schedules and finalize_model_grads (`ParallelGroups.megatron()`, a ProcessGroupCollection),
+DeepSpeed (`mpu`). Nothing reads megatron's parallel_state globals after `initialize`
+(tests/distributed/test_megatron_parity.py clears them and trains). Shapes: b batch, n tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +38,7 @@ __all__ = [
     "shard_sequence",
     "SEQUENCE_KEYS",
     "sequence_parallel_refusal",
+    "check_split",
 ]
 
 VOCAB_MULTIPLE = 128
@@ -56,6 +61,40 @@ def sequence_parallel_refusal(tp: int, sequence_parallel: object) -> str | None:
     return None
 
 
+def check_split(
+    tp: int,
+    pp: int,
+    cp: int,
+    sequence_parallel: bool,
+    model: ModelArgs,
+    attention: SparsityConfig,
+    seq_len: int,
+) -> None:
+    """Raise ValueError (naming the key) if these degrees cannot split the model or sequence:
+    the one check, made when the config loads (train.config) and when the Layout is built."""
+    if model.n_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.n_heads={model.n_heads}")
+    if model.hidden % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide the MLP width {model.hidden} (model.ffn_hidden)"
+        )
+    if model.n_layers % pp:
+        raise ValueError(f"parallel.pp={pp} must divide model.n_layers={model.n_layers}")
+    block = attention.block_size
+    if cp > 1 and (seq_len % block or (seq_len // block) % cp):
+        raise ValueError(
+            f"parallel.cp={cp} * attention.block_size={block} = {cp * block} must "
+            f"divide train.seq_len={seq_len} (each cp rank holds whole blocks)"
+        )
+    n_local = seq_len // cp
+    if sequence_parallel and n_local % tp:
+        raise ValueError(
+            f"parallel.sequence_parallel=true splits each cp rank's train.seq_len / "
+            f"parallel.cp = {n_local} tokens over parallel.tp={tp} ranks, which must "
+            "divide them"
+        )
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     """The process groups and this rank's coordinates, as built by `Layout.initialize`."""
@@ -71,6 +110,9 @@ class ParallelGroups:
     """Tensor x pipeline parallel: the ranks that together hold one copy of the model."""
     embedding: dist.ProcessGroup | None
     """First and last pipeline stage (the tied embedding's two copies); None without pp."""
+    expert: dist.ProcessGroup
+    """megatron-core's expert-model-parallel group: this rank alone (the model has no experts;
+    megatron's DistributedDataParallel asks for it)."""
     tp_rank: int
     pp_rank: int
     cp_rank: int
@@ -83,6 +125,22 @@ class ParallelGroups:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp.size() - 1
+
+    def megatron(self) -> Any:
+        """These groups as megatron-core's ProcessGroupCollection, handed explicitly to its
+        DistributedDataParallel, optimizer, forward/backward schedule and finalize_model_grads
+        (train.megatron_engine), so that none of them reads parallel_state's globals. No
+        experts: the expert groups are the dense ones (expert data parallel = data x context,
+        expert tensor x pipeline = model); one distributed-optimizer instance spans the world."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pgs = ProcessGroupCollection()
+        pgs.tp, pgs.pp, pgs.cp, pgs.dp, pgs.dp_cp = self.tp, self.pp, self.cp, self.dp, self.dp_cp
+        pgs.mp, pgs.tp_ep_pp = self.model, self.model
+        pgs.embd, pgs.pos_embd = self.embedding, None
+        pgs.ep, pgs.expt_dp = self.expert, self.dp_cp
+        pgs.intra_dist_opt = dist.group.WORLD
+        return pgs
 
 
 @dataclass(frozen=True)
@@ -146,27 +204,7 @@ class Layout:
 
     def check_model(self, model: ModelArgs, attention: SparsityConfig, seq_len: int) -> None:
         """Raise ValueError (naming the key) if the model or sequence cannot be split."""
-        if model.n_heads % self.tp:
-            raise ValueError(f"parallel.tp={self.tp} must divide model.n_heads={model.n_heads}")
-        if model.hidden % self.tp:
-            raise ValueError(
-                f"parallel.tp={self.tp} must divide the MLP width {model.hidden} (model.ffn_hidden)"
-            )
-        if model.n_layers % self.pp:
-            raise ValueError(f"parallel.pp={self.pp} must divide model.n_layers={model.n_layers}")
-        block = attention.block_size
-        if self.cp > 1 and (seq_len % block or (seq_len // block) % self.cp):
-            raise ValueError(
-                f"parallel.cp={self.cp} * attention.block_size={block} = {self.cp * block} must "
-                f"divide train.seq_len={seq_len} (each cp rank holds whole blocks)"
-            )
-        n_local = seq_len // self.cp
-        if self.sequence_parallel and n_local % self.tp:
-            raise ValueError(
-                f"parallel.sequence_parallel=true splits each cp rank's train.seq_len / "
-                f"parallel.cp = {n_local} tokens over parallel.tp={self.tp} ranks, which must "
-                "divide them"
-            )
+        check_split(self.tp, self.pp, self.cp, self.sequence_parallel, model, attention, seq_len)
 
     def padded_vocab(self, vocab_size: int) -> int:
         """Rows of the vocab-parallel embedding: vocab_size rounded up to tp * VOCAB_MULTIPLE."""
@@ -204,6 +242,7 @@ class Layout:
             dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
             model=ps.get_model_parallel_group(),
             embedding=ps.get_embedding_group() if self.pp > 1 else None,
+            expert=ps.get_expert_model_parallel_group(),
             tp_rank=ps.get_tensor_model_parallel_rank(),
             pp_rank=ps.get_pipeline_model_parallel_rank(),
             cp_rank=ps.get_context_parallel_rank(),

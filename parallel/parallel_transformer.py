@@ -8,8 +8,9 @@
 The blocks are model.transformer's own `Block`s built through `MegatronLinears`:
 ColumnParallelLinear for the QKV and MLP-in projections, RowParallelLinear for the attention
 output and MLP-out, VocabParallelEmbedding for the tokens and a ColumnParallelLinear LM head
-(sharing the embedding's weight when tied) whose vocab-sharded logits go to Megatron's
-vocab_parallel_cross_entropy. Attention is `cp_sparse_attention` on the cp group, which needs
+(sharing the embedding's weight when tied) whose vocab-sharded logits go to
+parallel.vocab_loss (Megatron's arithmetic, on our tp group). Attention is
+`cp_sparse_attention` on the cp group, which needs
 the sequence already sharded (parallel.layout.shard_sequence): a rank sees n = N / cp tokens
 and their global positions. The weights are the single-process `Transformer(args, seed=seed)`'s,
 sliced (`shard_param`): that is what makes the parallel run comparable to one process.
@@ -47,7 +48,6 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     set_tensor_model_parallel_attributes,
-    vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
@@ -58,6 +58,7 @@ from model.transformer import Block, ModelArgs, Transformer, run_blocks
 from parallel.context_parallel import cp_sparse_attention
 from parallel.layout import Layout, ParallelGroups
 from parallel.traffic import TrafficCounter
+from parallel.vocab_loss import vocab_parallel_cross_entropy
 
 __all__ = [
     "MegatronLinears",
@@ -392,7 +393,7 @@ def parallel_lm_loss(
         logits_bnv = logits_bnv.clone()  # Megatron's CE subtracts the max in place
     mask = loss_mask_bn.float()
     labels = labels_bn.masked_fill(mask == 0, 0)
-    losses = vocab_parallel_cross_entropy(logits_bnv.contiguous(), labels)
+    losses = vocab_parallel_cross_entropy(logits_bnv.contiguous(), labels, stage.groups.tp)
     return (losses * mask).sum(), mask.sum()
 
 

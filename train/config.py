@@ -30,7 +30,7 @@ import yaml
 from data.loader import DataArgs
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
-from parallel.layout import sequence_parallel_refusal
+from parallel.layout import check_split, sequence_parallel_refusal
 from train.checkpoint import CheckpointArgs
 from train.deepspeed_config import DeepSpeedArgs, deepspeed_refusal
 from train.engine import OptimArgs, ScheduleArgs
@@ -179,22 +179,11 @@ class Config:
                 f"schedule.min_lr={self.schedule.min_lr} must not exceed optim.lr={self.optim.lr}"
             )
         par = self.parallel
-        if self.model.n_heads % par.tp:
-            raise ValueError(f"parallel.tp={par.tp} must divide model.n_heads={self.model.n_heads}")
-        if self.model.n_layers % par.pp:
-            raise ValueError(
-                f"parallel.pp={par.pp} must divide model.n_layers={self.model.n_layers}"
-            )
+        check_split(par.tp, par.pp, par.cp, par.sequence_parallel, self.model, attn, seq_len)
         if self.train.engine == "deepspeed":
             reason = deepspeed_refusal(par.pp)
             if reason is not None:
                 raise ValueError(reason)
-        n_blocks = seq_len // attn.block_size
-        if n_blocks % par.cp:
-            raise ValueError(
-                f"parallel.cp={par.cp} must divide the {n_blocks} blocks of train.seq_len="
-                f"{seq_len} (attention.block_size={attn.block_size})"
-            )
 
 
 # ---- generic loading -----------------------------------------------------------------------

@@ -51,6 +51,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from torch import nn
 
@@ -109,12 +110,16 @@ class MegatronEngine(Engine):
         self.stage.to(self.device)  # before DDP builds its buffers on the parameters' device
         cuda_typed_parameters(self.stage)
         config = self.stage.config
+        self.megatron_groups = groups.megatron()
+        """Our groups as megatron-core's ProcessGroupCollection, passed to every megatron
+        call that communicates (none of them reads parallel_state's globals)."""
         self.ddp = DistributedDataParallel(
             config=config,
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
             ),
             module=self.stage,
+            pg_collection=self.megatron_groups,
         )
         self.model: nn.Module = self.ddp
         config.no_sync_func = self.ddp.no_sync
@@ -136,7 +141,10 @@ class MegatronEngine(Engine):
             ),
             [self.ddp],
             use_gloo_process_groups=False,
+            pg_collection=self.megatron_groups,
         )
+        # The pipeline's sends and receives go over our pp group (pp > 1 only).
+        self.p2p = P2PCommunicator(pp_group=groups.pp, config=config) if layout.pp > 1 else None
 
     # ---- what differs from the other engines (train.engine.Engine) --------------------------
 
@@ -191,7 +199,7 @@ class MegatronEngine(Engine):
 
             return output, loss_func
 
-        outputs = get_forward_backward_func()(
+        outputs = get_forward_backward_func(pp_size=self.layout.pp)(
             forward_step_func=forward_step,
             data_iterator=iter(local),
             model=[self.ddp],
@@ -199,6 +207,8 @@ class MegatronEngine(Engine):
             seq_length=local[0]["tokens"].shape[1] * self.layout.cp,
             micro_batch_size=local[0]["tokens"].shape[0],
             forward_only=forward_only,
+            pg_collection=self.megatron_groups,
+            p2p_communicator=self.p2p,
         )
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         for out in outputs:  # only the last stage has any

@@ -113,6 +113,9 @@ class Run:
     """Optimizer steps to train (the schedule still spans max(STEPS, steps))."""
     fixed_batch: bool = False
     """Train every step on the batch of step 0 (a loss that can fall on random tokens)."""
+    without_megatron_globals: bool = False
+    """Clear megatron-core's parallel_state globals once the engine is built: every megatron
+    call must then get its groups from the engine (ParallelGroups.megatron), or fail."""
 
 
 def parity_rank(rank: int, world: int, runs: list[Run]) -> list[dict]:
@@ -162,6 +165,10 @@ def _parity_run(world: int, run: Run) -> dict:
 
     try:
         engine = build()
+        if run.without_megatron_globals:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()  # the groups live on; the globals are None
         per_dp = case.micro_batches // layout.dp
         lo = groups.dp_rank * per_dp
         stats = []

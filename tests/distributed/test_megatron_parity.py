@@ -86,9 +86,12 @@ def test_tp2_cp2_dp2_pp2_and_tp2_sequence_parallel_each_match_single_process(tmp
     runs = [
         mc.Run(dict(tp=2)),
         mc.Run(dict(cp=2)),
-        mc.Run(dict()),  # dp = 2: the DistributedOptimizer shards AdamW over the two ranks
+        # dp = 2: the DistributedOptimizer shards AdamW over the two ranks; megatron-core gets
+        # every group from the engine, none from its parallel_state globals.
+        mc.Run(dict(), without_megatron_globals=True),
         mc.Run(dict(), distributed_optimizer=False, resume_after=1),
-        mc.Run(dict(pp=2)),  # Megatron's 1F1B schedule; tied embedding on both stages
+        # Megatron's 1F1B schedule; tied embedding on both stages; no globals.
+        mc.Run(dict(pp=2), without_megatron_globals=True),
         mc.Run(dict(pp=2), UNTIED),
         mc.Run(dict(tp=2, **SP), SP_CASE),
     ]
@@ -99,7 +102,7 @@ def test_tp2_cp2_dp2_pp2_and_tp2_sequence_parallel_each_match_single_process(tmp
 @pytest.mark.timeout(240)
 def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
     runs = [
-        mc.Run(dict(tp=2, cp=2)),
+        mc.Run(dict(tp=2, cp=2), without_megatron_globals=True),
         mc.Run(dict(pp=2)),  # dp = 2: the tied embedding's two copies, sharded alike
         mc.Run(dict(pp=2), UNTIED, resume_after=2),
         mc.Run(dict(tp=2, cp=2, **SP)),
