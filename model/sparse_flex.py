@@ -2,8 +2,9 @@
 
 `sparse_attention` selects it automatically for CUDA tensors. The BlockMask lists, per query
 block, the key blocks of the window, the random draw and the global tokens (every block for a
-query block holding a global query); the mask_mod then applies the exact token-level rule of
-model/sparse.py, so the result equals `dense_attention` over `cfg.dense_mask`. FlexAttention
+query block holding a global query); the mask_mod is the pattern's own token rule
+(`SparsityConfig.token_rule`, which `dense_mask` evaluates too) with padded keys masked, so the
+result equals `dense_attention` over `cfg.dense_mask`. FlexAttention
 runs forward and backward on GPU; on CPU it runs forward only, which is how
 tests/unit/test_sparse_flex.py checks the mask construction on machines without a GPU.
 
@@ -48,27 +49,16 @@ def build_block_mask(cfg, batch, n_heads, seq_len, layer, step, padding_mask, gl
     kv_indices = torch.sort((~touched).to(torch.int8), dim=-1, stable=True).indices
     kv_indices = kv_indices.to(torch.int32)
 
-    is_global = glob.is_global.expand(batch, -1).to(device)
     padded = (
         padding_mask.bool().to(device)
         if padding_mask is not None
         else torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
     )
-    rand = cfg.random_table(seq_len, n_heads, layer, step).expand(n_heads, -1, -1).to(device)
-    dil = torch.tensor(cfg.head_dilations(n_heads), device=device)
-    left, right, causal = cfg.left_blocks, cfg.right_blocks, cfg.causal
+    per_sample = glob.is_global.expand(batch, -1)  # the pattern's and the sample's globals
+    allowed = cfg.token_rule(seq_len, n_heads, layer, step, per_sample, device)
 
     def mask_mod(b_idx, h, q_idx, kv_idx):
-        q_block, kv_block = q_idx // b, kv_idx // b
-        d = dil[h]
-        offset = kv_block - q_block
-        allowed = (offset >= -left * d) & (offset <= right * d) & ((kv_idx - q_idx) % d == 0)
-        for r in range(rand.shape[-1]):
-            allowed = allowed | (rand[h, q_block, r] == kv_block)
-        allowed = allowed | is_global[b_idx, q_idx] | is_global[b_idx, kv_idx]
-        if causal:
-            allowed = allowed & (kv_idx <= q_idx)
-        return allowed & ~padded[b_idx, kv_idx]
+        return allowed(b_idx, h, q_idx, kv_idx) & ~padded[b_idx, kv_idx]
 
     return BlockMask.from_kv_blocks(
         kv_num_blocks.expand(batch, n_heads, -1).contiguous().to(device),

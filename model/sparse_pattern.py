@@ -15,6 +15,7 @@ This module imports no kernel, so that every kernel can import it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -236,6 +237,43 @@ class SparsityConfig:
 
     # ---- the oracle -------------------------------------------------------------------------
 
+    def token_rule(
+        self,
+        seq_len: int,
+        n_heads: int,
+        layer: int = 0,
+        step: int = 0,
+        global_mask: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Callable[..., torch.Tensor]:
+        """The rule of model/sparse.py, written once: `allowed(b, h, i, j)` for sample b, head
+        h, query token i and key token j, as broadcasting index tensors (FlexAttention's
+        mask_mod signature; `dense_mask` evaluates it on grids). Padding is not part of the
+        pattern: callers mask padded keys. `global_mask` [batch, seq] adds per-sample
+        global tokens (without it b must be 0)."""
+        self.validate_seq_len(seq_len)
+        b = self.block_size
+        rand = self.random_table(seq_len, n_heads, layer, step).expand(n_heads, -1, -1)
+        rand = rand.to(device)
+        dil = torch.tensor(self.head_dilations(n_heads), device=device)
+        glob = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
+        glob[0, self.global_positions(seq_len).to(device)] = True
+        if global_mask is not None:
+            glob = glob | global_mask.bool().to(device)
+        left, right, causal = self.left_blocks, self.right_blocks, self.causal
+
+        def allowed(b_idx, h, i, j):
+            q_block, kv_block = i // b, j // b
+            d = dil[h]
+            offset = kv_block - q_block
+            rule = (offset >= -left * d) & (offset <= right * d) & ((j - i) % d == 0)
+            for r in range(rand.shape[-1]):  # -1 marks no draw and matches no block
+                rule = rule | (rand[h, q_block, r] == kv_block)
+            rule = rule | glob[b_idx, i] | glob[b_idx, j]
+            return rule & (j <= i) if causal else rule
+
+        return allowed
+
     def dense_mask(
         self,
         seq_len: int,
@@ -247,41 +285,17 @@ class SparsityConfig:
         """The exact pattern as a dense bool mask [heads or 1, seq, seq] (True = attend), or
         [batch, heads or 1, seq, seq] with a per-sample `global_mask` [batch, seq]. O(seq^2):
         for tests and pictures only."""
-        self.validate_seq_len(seq_len)
         per_head = len(self._dilations) > 1 or self.random_per_head
         if n_heads is None:
             n_heads = len(self._dilations) if len(self._dilations) > 1 else 1
         heads = n_heads if per_head else 1
-        b = self.block_size
+        allowed = self.token_rule(seq_len, n_heads, layer, step, global_mask)
+        batch = 1 if global_mask is None else global_mask.shape[0]
         pos = torch.arange(seq_len)
-        i, j = pos.view(-1, 1), pos.view(1, -1)
-        block_offset = j // b - i // b
-        dilations = self.head_dilations(n_heads)
-        table = self.random_table(seq_len, n_heads, layer, step)
-        masks = []
-        for h in range(heads):
-            d = dilations[h]
-            window = (block_offset >= -self.left_blocks * d) & (
-                block_offset <= self.right_blocks * d
-            )
-            window &= (j - i) % d == 0
-            nb = self.n_blocks(seq_len)
-            rand_blocks = torch.zeros(nb, nb, dtype=torch.bool)
-            rows = table[h if self.random_per_head else 0]
-            for r in range(rows.shape[1]):
-                ok = rows[:, r] >= 0
-                rand_blocks[ok.nonzero().flatten(), rows[ok, r]] = True
-            rand = rand_blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)
-            rand = rand[:seq_len, :seq_len]
-            masks.append(window | rand)
-        mask = torch.stack(masks)  # [heads, seq, seq]
-        glob = torch.zeros(seq_len, dtype=torch.bool)
-        glob[self.global_positions(seq_len)] = True
-        if global_mask is not None:
-            glob = glob.unsqueeze(0) | global_mask.bool()  # [batch, seq]
-            mask = mask.unsqueeze(0) | glob[:, None, :, None] | glob[:, None, None, :]
-        else:
-            mask = mask | glob.view(1, -1, 1) | glob.view(1, 1, -1)
-        if self.causal:
-            mask = mask & (j <= i)
-        return mask
+        mask = allowed(
+            torch.arange(batch).view(-1, 1, 1, 1),
+            torch.arange(heads).view(1, -1, 1, 1),
+            pos.view(1, 1, -1, 1),
+            pos.view(1, 1, 1, -1),
+        )  # [batch, heads, seq, seq]
+        return mask[0] if global_mask is None else mask
