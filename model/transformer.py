@@ -39,6 +39,9 @@ AttentionFn = Callable[..., torch.Tensor]
 class ModelArgs:
     """Shape and initialisation of the transformer."""
 
+    arch: str = "transformer"
+    """The architecture (model.registry.ARCHITECTURES): "transformer", the decoder-only model
+    of this file."""
     vocab_size: int = 4096
     """Embedding rows; must be >= the tokenizer's vocabulary (checked against the manifest)."""
     d_model: int = 128
@@ -214,15 +217,18 @@ class Transformer(nn.Module):
         linears = linears or LocalLinears()
         self.args = args
         self.attn_cfg = attn_cfg
-        self.embed = linears.embedding(args.vocab_size, args.d_model)
-        self.blocks = nn.ModuleList(
+        embed = linears.embedding(args.vocab_size, args.d_model)
+        lm_head = linears.column(args.d_model, args.vocab_size)
+        # Optional for a pipeline stage (parallel.parallelize): none of them on every stage.
+        self.embed: nn.Module | None = embed
+        self.blocks: nn.ModuleList | nn.ModuleDict = nn.ModuleList(
             Block(args, attn_cfg, attention_fn, i, linears) for i in range(args.n_layers)
         )
-        self.norm = RMSNorm(args.d_model, args.norm_eps)
-        self.lm_head = linears.column(args.d_model, args.vocab_size)
+        self.norm: RMSNorm | None = RMSNorm(args.d_model, args.norm_eps)
+        self.lm_head: nn.Module | None = lm_head
         self.init_weights(seed)
         if args.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+            lm_head.weight = embed.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -248,8 +254,12 @@ class Transformer(nn.Module):
         if position_ids_bn is None:
             position_ids_bn = torch.arange(tokens_bn.shape[1], device=tokens_bn.device)
             position_ids_bn = position_ids_bn.expand_as(tokens_bn)
-        x = self.embed(tokens_bn)
+        # A later pipeline stage (parallel.parallelize) has no embedding: its input is the
+        # previous stage's hidden states [b, n, c]; all but the last return theirs.
+        x = tokens_bn if self.embed is None else self.embed(tokens_bn)
         x = run_blocks(self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute)
+        if self.lm_head is None or self.norm is None:
+            return x
         return self.lm_head(self.norm(x)).float()
 
     def num_params(self) -> int:
@@ -257,7 +267,7 @@ class Transformer(nn.Module):
 
 
 def run_blocks(
-    blocks: nn.ModuleList,
+    blocks: nn.ModuleList | nn.ModuleDict,
     x: torch.Tensor,
     position_ids: torch.Tensor,
     step: int,
@@ -269,7 +279,8 @@ def run_blocks(
     backward. Non-reentrant checkpointing, so the gradients still reach the parameters through
     the original graph (what Megatron's DDP hooks watch) and communication inside a block (tp
     all-reduce, cp exchanges) simply runs again, in the same order on every rank."""
-    for block in blocks:
+    # A pipeline stage keeps its blocks in a ModuleDict keyed by their global index.
+    for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
         if recompute and torch.is_grad_enabled():
             x = checkpoint(block, x, position_ids, step, padding_mask, use_reentrant=False)
         else:

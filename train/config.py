@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from data.loader import DataArgs
+from model.registry import ARCHITECTURES
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
 from parallel.layout import check_split, sequence_parallel_refusal
@@ -177,6 +178,10 @@ class Config:
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(
                 f"schedule.min_lr={self.schedule.min_lr} must not exceed optim.lr={self.optim.lr}"
+            )
+        if self.model.arch not in ARCHITECTURES:
+            raise ValueError(
+                f"model.arch={self.model.arch!r} is not one of {', '.join(sorted(ARCHITECTURES))}"
             )
         par = self.parallel
         check_split(par.tp, par.pp, par.cp, par.sequence_parallel, self.model, attn, seq_len)

@@ -13,7 +13,7 @@ parallelism and Megatron tensor parallelism, behind `Engine`.
 Selected with `train.engine: deepspeed`; the recipe's `deepspeed:` section is `DeepSpeedArgs`
 (train/deepspeed_config.py, with the config dict it generates).
 The model is the single-device `Transformer` for tp = 1, or for tp > 1 this tp rank's
-parallel.parallel_transformer.ParallelTransformer (Megatron-core column / row / vocab-parallel
+parallel.parallelize.ParallelStage (Megatron-core column / row / vocab-parallel
 layers, weights sliced from the same seed's Transformer, vocab-parallel cross entropy); its
 attention is `cp_sparse_attention` over the cp group (plain `sparse_attention` for cp = 1).
 It is wrapped by `deepspeed.initialize` with torch's AdamW (same parameter groups as
@@ -56,15 +56,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.registry import build_model
 from model.sparse import SparsityConfig, sparse_attention
-from model.transformer import ModelArgs, Transformer, lm_loss
+from model.transformer import ModelArgs, lm_loss
 from parallel.traffic import TrafficCounter
 from train.deepspeed_config import DeepSpeedArgs, deepspeed_config, deepspeed_refusal
 from train.engine import Engine, OptimArgs, ScheduleArgs, _param_groups, engine_tag
 
 if TYPE_CHECKING:
     from parallel.layout import Layout, ParallelGroups
-    from parallel.parallel_transformer import ParallelTransformer
+    from parallel.parallelize import ParallelStage
 
 __all__ = ["DeepSpeedEngine"]
 
@@ -203,7 +204,7 @@ class DeepSpeedEngine(Engine):
         self.model_args = model_args
         self.micro_batches = micro_batches
         self.mpu = ModelParallelUnit(groups)
-        self.stage: ParallelTransformer | None = None  # the model when tp > 1
+        self.stage: ParallelStage | None = None  # the model when tp > 1
         self.traffic = TrafficCounter() if layout.cp > 1 else None
         """Bytes and time of the context-parallel exchanges (None without cp)."""
         module = self._build_module(model_args, attn_cfg, seed)
@@ -225,7 +226,7 @@ class DeepSpeedEngine(Engine):
     def _build_module(
         self, model_args: ModelArgs, attn_cfg: SparsityConfig, seed: int
     ) -> nn.Module:
-        """The Transformer (tp = 1) or this tp rank's ParallelTransformer (tp > 1: Megatron's
+        """The Transformer (tp = 1) or this tp rank's ParallelStage of it (tp > 1: Megatron's
         column / row / vocab-parallel layers, sliced from the same seed's weights), with
         cp_sparse_attention over the cp group when cp > 1."""
         if self.layout.tp == 1:
@@ -236,18 +237,16 @@ class DeepSpeedEngine(Engine):
                 attention_fn = functools.partial(
                     cp_sparse_attention, group=self.groups.cp, traffic=self.traffic
                 )
-            module: nn.Module = Transformer(
-                model_args, attn_cfg, attention_fn=attention_fn, seed=seed
-            )
+            module = build_model(model_args, attn_cfg, attention_fn=attention_fn, seed=seed)
             return module.to(self.device)
         from parallel.megatron_shims import apply_cpu_shims
-        from parallel.parallel_transformer import ParallelTransformer
+        from parallel.parallelize import parallelize
 
         apply_cpu_shims()
-        self.stage = ParallelTransformer(
-            model_args, attn_cfg, self.layout, self.groups, seed,
-            params_dtype=self.optim_args.dtype, traffic=self.traffic,
-        )  # fmt: skip
+        model = build_model(model_args, attn_cfg, seed=seed)
+        self.stage = parallelize(
+            model, self.layout, self.groups, self.optim_args.dtype, self.traffic
+        )
         if self.layout.sequence_parallel:
             for param in self.stage.parameters():
                 if getattr(param, "sequence_parallel", False):
@@ -262,9 +261,12 @@ class DeepSpeedEngine(Engine):
         logits = self.ds(batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"))
         if self.stage is None:
             return lm_loss(logits, batch["labels"], batch["loss_mask"])
-        from parallel.parallel_transformer import parallel_lm_loss
+        from parallel.tensor_parallel import parallel_lm_loss
 
-        return parallel_lm_loss(logits, batch["labels"], batch["loss_mask"], self.stage)
+        labels, loss_mask = batch["labels"], batch["loss_mask"]
+        return parallel_lm_loss(
+            logits, labels, loss_mask, self.model_args.vocab_size, self.groups.tp
+        )
 
     def forward_backward(
         self, local: list[dict[str, torch.Tensor]], step: int, n_tokens: float
@@ -368,7 +370,7 @@ class DeepSpeedEngine(Engine):
             local = {k: v.detach().clone().float() for k, v in self.model.named_parameters()}
         if self.stage is None:
             return local
-        from parallel.parallel_transformer import unshard_param
+        from parallel.tensor_parallel import unshard_param
 
         tp_group = self.groups.tp
         full = {}

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from model.registry import build_model
 from model.sparse import sparse_attention
-from model.transformer import Transformer
 from train.config import Config
 from train.engine import Engine, LocalEngine, engine_tag
 
@@ -45,9 +45,7 @@ def engine_kind(cfg: Config, world: int) -> str:
 def build_engine(cfg: Config, kind: str, layout: Any, device: torch.device) -> Engine:
     targs = cfg.train
     if kind == "local":
-        model = Transformer(
-            cfg.model, cfg.attention, attention_fn=sparse_attention, seed=targs.seed
-        )
+        model = build_model(cfg.model, cfg.attention, sparse_attention, seed=targs.seed)
         return LocalEngine(model, cfg.optim, cfg.schedule, targs.steps, device)
     groups = layout.initialize(cfg.parallel.timeout_minutes)
     if kind == "deepspeed":

@@ -6,9 +6,10 @@
                             total_steps=cfg.train.steps, seed=cfg.train.seed)
     stats = engine.train_step(micro_batches, step)   # this data-parallel rank's full sequences
 
-The stage (parallel.parallel_transformer) is wrapped in Megatron-core's DistributedDataParallel
-(contiguous fp32 gradient buffers) and stepped by its DistributedOptimizer (AdamW on this data
-rank's shard of the parameters, then an all-gather), or its plain data-parallel optimizer with
+The stage (`parallel.parallelize` of the single-process Transformer) is wrapped in
+Megatron-core's DistributedDataParallel (contiguous fp32 gradient buffers) and stepped by its
+DistributedOptimizer (AdamW on this data rank's shard of the parameters, then an all-gather),
+or its plain data-parallel optimizer with
 `distributed_optimizer=False`. A step: shard every micro-batch along the sequence for this cp
 rank (the step boundary), run Megatron's forward/backward schedule
 (`get_forward_backward_func`: no pipelining for pp=1, 1F1B otherwise) with summed losses and
@@ -27,7 +28,7 @@ Switches:
   part of `state_dict`, so a resume continues exactly.
 - `model.recompute`: every block is an activation checkpoint (model.transformer.run_blocks).
 - `parallel.sequence_parallel` (`layout.sequence_parallel`): Megatron's tensor-parallel
-  sequence parallelism, wired in the stage (parallel.parallel_transformer): activations outside
+  sequence parallelism, wired in the stage's layers (parallel.tensor_parallel): activations outside
   the tp regions are split along the sequence over tp, the pipeline sends [n/tp, b, c] and
   finalize_model_grads sums the norms' gradients over tp. Same result as without it (parity
   tested with tp, tp x cp, tp x pp); the parameter shards are the same either way. It
@@ -55,11 +56,13 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from torch import nn
 
+from model.registry import build_model
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
 from parallel.layout import Layout, ParallelGroups
 from parallel.megatron_shims import apply_cpu_shims, cuda_typed_parameters
-from parallel.parallel_transformer import ParallelTransformer, parallel_lm_loss
+from parallel.parallelize import parallelize
+from parallel.tensor_parallel import parallel_lm_loss
 from parallel.traffic import TrafficCounter
 from train.engine import Engine, OptimArgs, ScheduleArgs
 from train.model_space import load_megatron_sharded_state, megatron_sharded_state
@@ -71,7 +74,8 @@ class MegatronEngine(Engine):
     """One rank's share of a tp x pp x cp x dp training step (train.engine.Engine owns the
     step's shared parts: learning rate, sequence slice, token count, NaN skip, timing).
 
-    `model` is the DistributedDataParallel-wrapped stage, `stage` the ParallelTransformer.
+    `model` is the DistributedDataParallel-wrapped stage, `stage` the ParallelStage
+    (parallel.parallelize).
     """
 
     kind = "megatron"
@@ -103,10 +107,8 @@ class MegatronEngine(Engine):
         self.precision = optim.precision
         self.traffic = TrafficCounter() if layout.cp > 1 else None
         """Bytes and time of the context-parallel exchanges (None without cp)."""
-        self.stage = ParallelTransformer(
-            model_args, attn_cfg, layout, groups, seed, full, params_dtype=optim.dtype,
-            traffic=self.traffic,
-        )  # fmt: skip
+        model = full if full is not None else build_model(model_args, attn_cfg, seed=seed)
+        self.stage = parallelize(model, layout, groups, optim.dtype, self.traffic)
         self.stage.to(self.device)  # before DDP builds its buffers on the parameters' device
         cuda_typed_parameters(self.stage)
         config = self.stage.config
@@ -183,7 +185,7 @@ class MegatronEngine(Engine):
         token counts, `calculate_per_token_loss`: finalize_model_grads divides the gradients
         by the step's tokens); the summed loss of the whole step (all stages, cp slices and dp
         ranks)."""
-        stage = self.stage
+        vocab_size = self.stage.args.vocab_size
 
         def forward_step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Any]:
             batch = next(data_iterator)
@@ -191,7 +193,7 @@ class MegatronEngine(Engine):
 
             def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
                 loss_sum, count = parallel_lm_loss(
-                    logits, batch["labels"], batch["loss_mask"], stage
+                    logits, batch["labels"], batch["loss_mask"], vocab_size, self.groups.tp
                 )
                 if not forward_only:
                     loss_sum = self.with_fault(loss_sum, step)

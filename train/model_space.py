@@ -8,7 +8,7 @@
 Every tensor is keyed by the single-process model's parameter name and has its unpadded
 shape: `model.<name>` the parameter (in bf16 runs the fp32 master weights, the exact values),
 `optim.exp_avg.<name>` / `optim.exp_avg_sq.<name>` AdamW's moments; Adam's step count is one
-number. A rank contributes the pieces of its stage's tp shards (ParallelTransformer.
+number. A rank contributes the pieces of its stage's tp shards (ParallelStage.
 sharded_pieces); cp and dp replicas, and the last stage's copy of a tied embedding, are not
 written. Megatron's DistributedOptimizer keeps each parameter's fp32 master / moments split
 over the data x context ranks (flat ranges of the parameter); saving sums those ranges into
@@ -32,7 +32,7 @@ class MegatronState(Protocol):
     """What is read of a MegatronEngine (train.megatron_engine) here."""
 
     stage: Any
-    """The ParallelTransformer: named_parameters, sharded_pieces."""
+    """The ParallelStage (parallel.parallelize): named_parameters, sharded_pieces."""
     optimizer: Any
     """Megatron's (chained, distributed or mixed-precision) optimizer."""
     groups: Any

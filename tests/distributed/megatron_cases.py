@@ -215,7 +215,7 @@ def assemble(results: list[dict], case: Case) -> dict[str, torch.Tensor]:
     checking that every cp / dp replica (and the tied embedding's copies) agree exactly, and so
     do the tp ranks' copies of the replicated norm weights (under sequence parallelism each tp
     rank computes their gradient on its own shard of the sequence)."""
-    from parallel.parallel_transformer import unshard_param
+    from parallel.tensor_parallel import unshard_param
 
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for res in results:

@@ -30,7 +30,7 @@ from parallel.megatron_shims import (
     apply_cpu_shims,
     cuda_typed_parameters,
 )
-from parallel.parallel_transformer import shard_param, unshard_param
+from parallel.tensor_parallel import shard_param, unshard_param
 from tests.distributed import megatron_cases as mc
 from tests.distributed.harness import run_ranks
 

@@ -128,6 +128,7 @@ def test_bad_value_type_names_the_key(override, key):
         ("logging.wandb_mode=loud", "logging.wandb_mode"),
         ("parallel.tp=0", "parallel.tp"),
         ("model.mlp=relu", "model.mlp"),
+        ("model.arch=mamba", "model.arch"),
     ],
 )
 def test_invalid_value_names_the_key(override, key):

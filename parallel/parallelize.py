@@ -1,0 +1,256 @@
+"""Tensor, pipeline and context parallelism applied to the single-device model.
+
+    from parallel.parallelize import parallelize
+    stage = parallelize(Transformer(args, attn_cfg, seed=0), layout, groups)   # this rank's
+    logits_local = stage(tokens_bn, position_ids_bn, step=0)       # last stage: [b, n, V/tp]
+
+The model is defined once (model/transformer.py, registered in model.registry); this module
+turns one instance into this rank's pipeline stage, the split torchtitan makes between a
+model.py and its parallelize.py:
+1. pipeline: the blocks of this stage stay (a ModuleDict keyed by their global index, so the
+   parameter names are the single-process ones), the embedding only on the first stage, the
+   final norm and LM head only on the last;
+2. tensor: each projection named in TP_PLAN is replaced by its Megatron-core tensor-parallel
+   layer (parallel.tensor_parallel) holding this tp rank's slice of the original weight;
+3. context: with cp > 1 every attention computes with cp_sparse_attention on the cp group.
+`ParallelStage` wraps the result for Megatron's schedules: `set_input_tensor` (a later stage's
+input, [n, b, c]), `config`, `model_type`, the tied embedding's bookkeeping, and the map from
+its parameters to the single-process names and boxes (`global_name`, `sharded_pieces`) that
+checkpoints reshard with. Its forward is the model's own.
+Shapes: b batch, n local tokens (this cp rank's), c d_model; V the padded vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from megatron.core.enums import ModelType
+from torch import nn
+
+from model.layers import RMSNorm
+from model.sparse import SparsityConfig
+from model.transformer import Block, Transformer
+from parallel.context_parallel import cp_sparse_attention
+from parallel.layout import Layout, ParallelGroups
+from parallel.tensor_parallel import MegatronLinears, _split_view, megatron_config, shard_param
+from parallel.traffic import TrafficCounter
+
+__all__ = ["TP_PLAN", "ParallelStage", "parallelize"]
+
+TP_PLAN = {
+    "attn.qkv": "column",
+    "attn.out": "row",
+    "mlp.up": "column",
+    "mlp.down": "row",
+    "embed": "embedding",
+    "lm_head": "column",
+}
+"""How each projection of the model is split over tp (by its name's ending): a column layer
+splits its output features, a row layer its input features, the embedding its (padded)
+vocabulary rows."""
+
+
+def parallelize(
+    module: nn.Module,
+    layout: Layout,
+    groups: ParallelGroups,
+    params_dtype: torch.dtype = torch.float32,
+    traffic: TrafficCounter | None = None,
+) -> ParallelStage:
+    """This rank's stage of `model` (modified in place) under `layout`; its weights are the
+    model's, sliced. traffic: counts the context-parallel exchanges (cp > 1)."""
+    if not isinstance(module, Transformer):
+        raise TypeError(f"parallelize knows the decoder Transformer, not {type(module).__name__}")
+    model = module
+    args, config = model.args, megatron_config(layout, model.args, params_dtype)
+    layers = layout.layers_of_stage(args.n_layers, groups.pp_rank)
+    first, last = groups.is_first_stage, groups.is_last_stage
+    tied: Any = model.embed.weight if args.tie_embeddings and model.embed is not None else None
+    # 1. pipeline
+    blocks = list(
+        model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
+    )
+    model.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
+    if not first:
+        model.embed = None
+    if not last:
+        model.norm, model.lm_head = None, None
+    # 2. tensor
+    linears = MegatronLinears(config, groups.tp)
+    padded_vocab = layout.padded_vocab(args.vocab_size)
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            kind = next((k for end, k in TP_PLAN.items() if name.endswith(end)), None)
+            if kind is None:
+                continue
+            shares = name == "lm_head" and tied is not None and first  # the embedding's weight
+            new = _tp_layer(linears, kind, name, module, padded_vocab, shares)
+            if shares:
+                assert model.embed is not None
+                new.weight = model.embed.weight
+            else:
+                source: torch.Tensor = module.weight  # type: ignore[assignment]
+                weight_name = f"{name}.weight"
+                if name == "lm_head" and tied is not None:  # the last stage's own copy
+                    source, weight_name = tied, "embed.weight"
+                piece = shard_param(weight_name, source, groups.tp_rank, layout.tp, args)
+                new.weight.copy_(piece)  # type: ignore[operator]
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for block in model.blocks.values():
+        assert isinstance(block, Block)
+        block.attn.local_heads = args.n_heads // layout.tp
+        if layout.cp > 1:  # 3. context
+            block.attn.attention_fn = functools.partial(
+                cp_sparse_attention, group=groups.cp, traffic=traffic
+            )
+    return ParallelStage(model, model.attn_cfg, layout, groups, config, params_dtype)
+
+
+def _tp_layer(
+    linears: MegatronLinears,
+    kind: str,
+    name: str,
+    module: nn.Module,
+    padded_vocab: int,
+    shares: bool,
+) -> nn.Module:
+    """The tensor-parallel layer replacing `module` (an nn.Linear or nn.Embedding); the
+    embedding and the LM head get the padded vocabulary's rows."""
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    if kind == "embedding":
+        return linears.embedding(padded_vocab, weight.shape[1])
+    out_features, in_features = weight.shape
+    if name == "lm_head":
+        out_features = padded_vocab
+    if kind == "row":
+        return linears.row(in_features, out_features)
+    return linears.column(in_features, out_features, tied=shares)
+
+
+class ParallelStage(nn.Module):
+    """One rank's stage of the model for Megatron's schedules (module doc).
+
+    Parameter names are `model.` and the single-process ones (`model.blocks.{i}...` with i
+    global); `global_name` drops the prefix. With tied embeddings and pp > 1 the last stage
+    holds its own copy of the embedding as `lm_head.weight` (marked `shared`); Megatron's
+    finalize_model_grads all-reduces the two copies' gradients over the embedding group.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        attn_cfg: SparsityConfig,
+        layout: Layout,
+        groups: ParallelGroups,
+        config: Any,
+        params_dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
+        self.config = config
+        self.args, self.attn_cfg, self.layout, self.groups = model.args, attn_cfg, layout, groups
+        self.pre_process, self.post_process = groups.is_first_stage, groups.is_last_stage
+        self.layers = layout.layers_of_stage(self.args.n_layers, groups.pp_rank)
+        self.padded_vocab = layout.padded_vocab(self.args.vocab_size)
+        self.vocab_per_rank = self.padded_vocab // layout.tp
+        self.input_tensor: torch.Tensor | None = None
+        # Read by Megatron's finalize_model_grads (with shared_embedding_or_output_weight).
+        self.share_embeddings_and_output_weights = self.args.tie_embeddings
+        if self.args.tie_embeddings and self.post_process and not self.pre_process:
+            # The last stage's copy of the embedding: Megatron's gradient norm counts
+            # parameters marked shared only once (on the first stage).
+            model.lm_head.weight.shared = True  # type: ignore[union-attr]
+        tied = self.shared_embedding_or_output_weight()
+        if tied is not None and layout.pp > 1:
+            # Megatron's DDP gives parameters marked so a bucket of their own, so that both
+            # stages shard the embedding's gradient alike over data x context ranks: the
+            # first/last-stage all-reduce then adds matching, already reduced, shards.
+            tied.shared_embedding = True  # type: ignore[attr-defined]
+        # bf16: every parameter (the norms' too) in bf16, the cast Megatron's Float16Module
+        # makes. Its wrapper is not needed: the inputs are integer tokens and the logits are
+        # already returned in fp32.
+        self.to(params_dtype)
+        if layout.sequence_parallel:
+            for norm in (m for m in self.modules() if isinstance(m, RMSNorm)):
+                # Each tp rank's gradient covers its sequence shard only: finalize_model_grads
+                # sums the parameters marked so over tp (with config.sequence_parallel).
+                norm.weight.sequence_parallel = True  # type: ignore[attr-defined]
+
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        """Megatron schedules hand a non-first stage its input here (a list of one tensor)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def forward(
+        self,
+        tokens_bn: torch.Tensor | None,
+        position_ids_bn: torch.Tensor,
+        step: int = 0,
+        padding_mask_bn: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last stage: this tp rank's logits [b, n, V/tp] (float32); other stages: the hidden
+        states [n, b, c] for the next stage ([n/tp, b, c] with sequence parallelism: this tp
+        rank's shard). `padding_mask_bn` is the full [b, N] mask."""
+        if self.pre_process:
+            x = tokens_bn
+        elif self.input_tensor is None:
+            raise RuntimeError("a non-first pipeline stage needs set_input_tensor first")
+        else:
+            x = self.input_tensor.transpose(0, 1)
+        out = self.model(x, position_ids_bn, step, padding_mask_bn)
+        return out if self.post_process else out.transpose(0, 1).contiguous()
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The parameter holding the tied word embedding on this stage, if any (Megatron's
+        finalize_model_grads all-reduces its gradient between the first and last stage)."""
+        if not self.args.tie_embeddings:
+            return None
+        holder = self.model.embed if self.model.embed is not None else self.model.lm_head
+        weight = None if holder is None else holder.weight
+        assert weight is None or isinstance(weight, torch.Tensor)
+        return weight
+
+    def global_name(self, name: str) -> str:
+        """The single-process parameter name of local parameter `name`."""
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight" and self.args.tie_embeddings:
+            return "embed.weight"
+        return name
+
+    def sharded_pieces(
+        self, name: str, local: torch.Tensor
+    ) -> tuple[str, torch.Size, list[tuple[tuple[int, ...], torch.Tensor]]]:
+        """Where `local`, shaped like local parameter `name` (the parameter itself or, say, its
+        Adam moment), lies in the single-process model: (global name, global shape, pieces),
+        a piece being (offset in the global tensor, a view of `local`). The global tensors are
+        the unpadded single-process ones, so a checkpoint of pieces reshards to any tp / pp:
+        QKV gives three pieces ([q | k | v] of this rank's heads), SwiGLU's up two, the
+        vocab-sharded embedding / LM head its rows below vocab_size (none when all are
+        padding). The inverse of shard_param, piece by piece (train.model_space uses it)."""
+        gname = self.global_name(name)
+        tp, rank, args = self.layout.tp, self.groups.tp_rank, self.args
+        if gname.endswith(("embed.weight", "lm_head.weight")):
+            start = rank * local.shape[0]
+            rows = max(0, min(args.vocab_size - start, local.shape[0]))
+            shape = torch.Size([args.vocab_size, local.shape[1]])
+            return gname, shape, [((start, 0), local[:rows])] if rows else []
+        full_shape = torch.Size([local.shape[0] * tp, *local.shape[1:]])
+        if gname.endswith(("attn.out.weight", "mlp.down.weight")):
+            shape = torch.Size([local.shape[0], local.shape[1] * tp])
+            return gname, shape, [((0, rank * local.shape[1]), local)]
+        view, dim = _split_view(gname, full_shape, args)
+        if dim < 0:
+            return gname, local.shape, [((0,) * local.dim(), local)]
+        # [q | k | v] (3 parts) or [gate | up] (2 parts) or one part, each split over tp.
+        parts = view[0] if len(view) > local.dim() else 1
+        rows = local.shape[0] // parts
+        pieces: list[tuple[tuple[int, ...], torch.Tensor]] = [
+            ((part * rows * tp + rank * rows, 0), local[part * rows : (part + 1) * rows])
+            for part in range(parts)
+        ]
+        return gname, full_shape, pieces
