@@ -134,10 +134,17 @@ class SparsityConfig:
         return max(self._dilations)
 
     @property
+    def reach_blocks(self) -> tuple[int, int]:
+        """Blocks a query block's window reaches before and after itself (its widest head):
+        the block table's window offsets and the context-parallel halo are this reach."""
+        d = self.max_dilation
+        return self.left_blocks * d, self.right_blocks * d
+
+    @property
     def reach_tokens(self) -> tuple[int, int]:
         """Tokens a query block reaches before and after itself through the window."""
-        b, d = self.block_size, self.max_dilation
-        return self.left_blocks * d * b, self.right_blocks * d * b
+        left, right = self.reach_blocks
+        return left * self.block_size, right * self.block_size
 
     def n_blocks(self, seq_len: int) -> int:
         """Blocks of a `seq_len`-token sequence; the last one may be partial."""

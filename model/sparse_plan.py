@@ -45,8 +45,8 @@ class GlobalSet:
 
 
 def window_offsets(cfg: SparsityConfig) -> torch.Tensor:
-    d = cfg.max_dilation
-    return torch.arange(-cfg.left_blocks * d, cfg.right_blocks * d + 1)
+    left, right = cfg.reach_blocks
+    return torch.arange(-left, right + 1)
 
 
 def build_block_table(

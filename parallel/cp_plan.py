@@ -96,10 +96,10 @@ def _blocks_to_tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
 def halo_range(cfg: SparsityConfig, n_blocks: int, world: int, rank: int):
     """((left_lo, left_hi), (right_lo, right_hi)) global blocks of `rank`'s halo."""
     nl = n_blocks // world
-    d = cfg.max_dilation
+    reach_left, reach_right = cfg.reach_blocks
     lo, hi = rank * nl, (rank + 1) * nl
-    left = (max(0, lo - cfg.left_blocks * d), lo)
-    right = (hi, min(n_blocks, hi + cfg.right_blocks * d))
+    left = (max(0, lo - reach_left), lo)
+    right = (hi, min(n_blocks, hi + reach_right))
     return left, right
 
 
@@ -178,9 +178,9 @@ def rank_plan(
 
     # A query block is interior when its window (widest head) and its random blocks avoid the
     # halo: it can run while the halo is still in flight.
-    d = cfg.max_dilation
-    win_lo = (local - cfg.left_blocks * d).clamp(min=0)
-    win_hi = (local + cfg.right_blocks * d).clamp(max=n_blocks - 1)
+    reach_left, reach_right = cfg.reach_blocks
+    win_lo = (local - reach_left).clamp(min=0)
+    win_hi = (local + reach_right).clamp(max=n_blocks - 1)
     ok = (win_lo >= rank * nl) & (win_hi < (rank + 1) * nl)
     rand = cfg.random_rows(local, npat, n_heads, layer, step)  # [Hx, nl, r]
     in_halo = ((rand >= l_lo) & (rand < l_hi)) | ((rand >= r_lo) & (rand < r_hi))
