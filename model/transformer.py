@@ -18,7 +18,7 @@ called in fp32 and its output cast back: the softmax and its log-sum-exp stay ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -232,15 +232,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        residual_std = self.args.init_std / (2 * self.args.n_layers) ** 0.5
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                continue
-            std = residual_std if name.endswith(self._residual_outputs) else self.args.init_std
-            # Drawn on CPU so the values do not depend on the device the model lives on.
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+        if any(p.is_meta for p in self.parameters()):
+            return  # built on the meta device: parallel.parallelize fills each rank's shard
+        params = dict(self.named_parameters())
+        for name, value in initial_values(self.args, self.parameter_shapes(), seed):
+            params[name].copy_(value)
+
+    def parameter_shapes(self) -> list[tuple[str, torch.Size]]:
+        """(name, shape) of every parameter, in order (a tied LM head is the embedding)."""
+        return [(name, param.shape) for name, param in self.named_parameters()]
 
     def forward(
         self,
@@ -264,6 +264,23 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def initial_values(
+    args: ModelArgs, shapes: list[tuple[str, torch.Size]], seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, initial value) of the parameters `shapes` names (Transformer.parameter_shapes),
+    one at a time and in order, drawn on CPU from `seed` alone: the values do not depend on
+    the device, and a rank that builds the model on the meta device keeps only its shard of
+    each (parallel.parallelize)."""
+    gen = torch.Generator().manual_seed(seed)
+    residual_std = args.init_std / (2 * args.n_layers) ** 0.5
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape)
+            continue
+        std = residual_std if name.endswith(Transformer._residual_outputs) else args.init_std
+        yield name, torch.randn(shape, generator=gen, device="cpu") * std
 
 
 def run_blocks(

@@ -23,6 +23,7 @@ Shapes: b batch, n local tokens (this cp rank's), c d_model; V the padded vocab.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from model.layers import RMSNorm
 from model.sparse import SparsityConfig
-from model.transformer import Block, Transformer
+from model.transformer import Block, Transformer, initial_values
 from parallel.context_parallel import cp_sparse_attention
 from parallel.layout import Layout, ParallelGroups
 from parallel.tensor_parallel import MegatronLinears, _split_view, megatron_config, shard_param
@@ -58,55 +59,83 @@ def parallelize(
     groups: ParallelGroups,
     params_dtype: torch.dtype = torch.float32,
     traffic: TrafficCounter | None = None,
+    seed: int | None = None,
 ) -> ParallelStage:
-    """This rank's stage of `model` (modified in place) under `layout`; its weights are the
-    model's, sliced. traffic: counts the context-parallel exchanges (cp > 1)."""
+    """This rank's stage of `module` (modified in place) under `layout`. Its weights are the
+    model's, sliced; a model built on the meta device (`with torch.device("meta")`) takes them
+    from `seed` instead, one parameter at a time (the one-process model's initial values,
+    model.transformer.initial_values), so that a rank never holds more than its shard and one
+    full parameter. traffic: counts the context-parallel exchanges (cp > 1)."""
     if not isinstance(module, Transformer):
         raise TypeError(f"parallelize knows the decoder Transformer, not {type(module).__name__}")
-    model = module
-    args, config = model.args, megatron_config(layout, model.args, params_dtype)
-    layers = layout.layers_of_stage(args.n_layers, groups.pp_rank)
+    model, args = module, module.args
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and seed is None:
+        raise ValueError("parallelize needs the seed of a model built on the meta device")
+    if on_meta:
+        assert seed is not None
+        values = initial_values(args, model.parameter_shapes(), seed)
+    else:  # the model's own weights (a reference for tests), before the stage drops any
+        values = iter([(n, p.detach().clone()) for n, p in model.named_parameters()])
+    config = megatron_config(layout, args, params_dtype)
     first, last = groups.is_first_stage, groups.is_last_stage
-    tied: Any = model.embed.weight if args.tie_embeddings and model.embed is not None else None
     # 1. pipeline
     blocks = list(
         model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
     )
+    layers = layout.layers_of_stage(args.n_layers, groups.pp_rank)
     model.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
     if not first:
         model.embed = None
     if not last:
         model.norm, model.lm_head = None, None
-    # 2. tensor
+    # 2. tensor: new layers, their weights filled below
     linears = MegatronLinears(config, groups.tp)
     padded_vocab = layout.padded_vocab(args.vocab_size)
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            kind = next((k for end, k in TP_PLAN.items() if name.endswith(end)), None)
-            if kind is None:
-                continue
-            shares = name == "lm_head" and tied is not None and first  # the embedding's weight
-            new = _tp_layer(linears, kind, name, module, padded_vocab, shares)
-            if shares:
-                assert model.embed is not None
-                new.weight = model.embed.weight
-            else:
-                source: torch.Tensor = module.weight  # type: ignore[assignment]
-                weight_name = f"{name}.weight"
-                if name == "lm_head" and tied is not None:  # the last stage's own copy
-                    source, weight_name = tied, "embed.weight"
-                piece = shard_param(weight_name, source, groups.tp_rank, layout.tp, args)
-                new.weight.copy_(piece)  # type: ignore[operator]
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for name, old in list(model.named_modules()):
+        kind = next((k for end, k in TP_PLAN.items() if name.endswith(end)), None)
+        if kind is None:
+            continue
+        shares = name == "lm_head" and args.tie_embeddings and first  # the embedding's weight
+        new = _tp_layer(linears, kind, name, old, padded_vocab, shares)
+        if shares:
+            assert model.embed is not None
+            new.weight = model.embed.weight
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    # 3. context
     for block in model.blocks.values():
         assert isinstance(block, Block)
         block.attn.local_heads = args.n_heads // layout.tp
-        if layout.cp > 1:  # 3. context
+        if layout.cp > 1:
             block.attn.attention_fn = functools.partial(
                 cp_sparse_attention, group=groups.cp, traffic=traffic
             )
+    _fill(model, values, groups.tp_rank, layout.tp)
     return ParallelStage(model, model.attn_cfg, layout, groups, config, params_dtype)
+
+
+@torch.no_grad()
+def _fill(
+    model: Transformer, values: Iterator[tuple[str, torch.Tensor]], tp_rank: int, tp: int
+) -> None:
+    """Give every parameter of the stage its tp shard of the single-process value of the same
+    name (the last stage's own copy of a tied embedding: the embedding's); parameters still on
+    the meta device (the norms) are allocated on CPU first."""
+    for module in model.modules():
+        for key, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(module, key, nn.Parameter(torch.empty(param.shape)))
+    args = model.args
+    wanted: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        gname = "embed.weight" if name == "lm_head.weight" and args.tie_embeddings else name
+        wanted.setdefault(gname, []).append(param)
+    for name, full in values:
+        for target in wanted.pop(name, []):
+            target.copy_(shard_param(name, full, tp_rank, tp, args))
+    if wanted:
+        raise ValueError(f"no initial value for {sorted(wanted)}")
 
 
 def _tp_layer(

@@ -243,9 +243,10 @@ class DeepSpeedEngine(Engine):
         from parallel.parallelize import parallelize
 
         apply_cpu_shims()
-        model = build_model(model_args, attn_cfg, seed=seed)
+        with torch.device("meta"):  # each rank materialises only its shard
+            model = build_model(model_args, attn_cfg, seed=seed)
         self.stage = parallelize(
-            model, self.layout, self.groups, self.optim_args.dtype, self.traffic
+            model, self.layout, self.groups, self.optim_args.dtype, self.traffic, seed
         )
         if self.layout.sequence_parallel:
             for param in self.stage.parameters():

@@ -107,8 +107,13 @@ class MegatronEngine(Engine):
         self.precision = optim.precision
         self.traffic = TrafficCounter() if layout.cp > 1 else None
         """Bytes and time of the context-parallel exchanges (None without cp)."""
-        model = full if full is not None else build_model(model_args, attn_cfg, seed=seed)
-        self.stage = parallelize(model, layout, groups, optim.dtype, self.traffic)
+        model: nn.Module
+        if full is not None:
+            model = full
+        else:  # each rank materialises only its shard (parallel.parallelize)
+            with torch.device("meta"):
+                model = build_model(model_args, attn_cfg, seed=seed)
+        self.stage = parallelize(model, layout, groups, optim.dtype, self.traffic, seed)
         self.stage.to(self.device)  # before DDP builds its buffers on the parameters' device
         cuda_typed_parameters(self.stage)
         config = self.stage.config
