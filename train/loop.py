@@ -360,6 +360,13 @@ class Trainer:
                 log.log(level, "--resume: no complete checkpoint in %s; starting from step 0",
                         self.ckpt.dir)  # fmt: skip
             return
+        missing = sorted(set(self.stateful) - set(state))
+        if missing:
+            raise ValueError(
+                f"the checkpoint in {self.ckpt.dir} has no {', '.join(missing)} state: it was "
+                "written by an earlier halotron, before the run state was Stateful objects; "
+                "resume it with that version, or start a new run in another train.run_dir"
+            )
         if state["tokenizer_sha256"] != self._tokenizer_sha():
             raise ValueError(
                 f"the checkpoint in {self.ckpt.dir} was trained with another tokenizer (sha256 "

@@ -118,6 +118,15 @@ def test_training_run_learns_and_records_everything(data_dir, tmp_path, wandb_en
     assert CheckpointManager(CheckpointArgs(), run_dir).complete_steps() == [20, 30]
 
 
+def test_a_checkpoint_of_the_earlier_format_is_refused_with_a_sentence(data_dir, tmp_path):
+    """Before the run state was Stateful objects, losses and the like sat at the top level."""
+    cfg = _cfg(data_dir, tmp_path / "run", "logging.wandb_mode=disabled")
+    old = {"engine": {"model": {}}, "data": {}, "rng": {}, "losses": [1.0], "tokens": 5}
+    CheckpointManager(cfg.checkpoint, cfg.train.run_dir).save(1, old, config_to_dict(cfg))
+    with pytest.raises(ValueError, match="no progress state: it was written by an earlier"):
+        train(cfg, resume=True)
+
+
 def test_resume_continues_exactly(data_dir, tmp_path, wandb_env):
     common = ["checkpoint.every=2", "schedule.decay_steps=6", "train.eval_batches=1"]
     whole = train(_cfg(data_dir, tmp_path / "whole", *common, "train.steps=6"))
