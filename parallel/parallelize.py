@@ -32,7 +32,7 @@ from torch import nn
 
 from model.layers import RMSNorm
 from model.sparse import SparsityConfig
-from model.transformer import Block, Transformer, initial_values
+from model.transformer import Block, ModelArgs, Transformer, initial_values
 from parallel.context_parallel import cp_sparse_attention
 from parallel.layout import Layout, ParallelGroups
 from parallel.tensor_parallel import MegatronLinears, _split_view, megatron_config, shard_param
@@ -69,14 +69,13 @@ def parallelize(
     if not isinstance(module, Transformer):
         raise TypeError(f"parallelize knows the decoder Transformer, not {type(module).__name__}")
     model, args = module, module.args
-    on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and seed is None:
-        raise ValueError("parallelize needs the seed of a model built on the meta device")
-    if on_meta:
-        assert seed is not None
+    values: Iterator[tuple[str, torch.Tensor]]
+    if any(p.is_meta for p in model.parameters()):
+        if seed is None:
+            raise ValueError("parallelize needs the seed of a model built on the meta device")
         values = initial_values(args, model.parameter_shapes(), seed)
-    else:  # the model's own weights (a reference for tests), before the stage drops any
-        values = iter([(n, p.detach().clone()) for n, p in model.named_parameters()])
+    else:  # the model's own weights (a reference for tests), listed before the stage drops any
+        values = iter([(n, p.detach()) for n, p in model.named_parameters()])
     config = megatron_config(layout, args, params_dtype)
     first, last = groups.is_first_stage, groups.is_last_stage
     # 1. pipeline
@@ -129,13 +128,18 @@ def _fill(
     args = model.args
     wanted: dict[str, list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
-        gname = "embed.weight" if name == "lm_head.weight" and args.tie_embeddings else name
-        wanted.setdefault(gname, []).append(param)
+        wanted.setdefault(_global_name(name, args), []).append(param)
     for name, full in values:
         for target in wanted.pop(name, []):
             target.copy_(shard_param(name, full, tp_rank, tp, args))
     if wanted:
         raise ValueError(f"no initial value for {sorted(wanted)}")
+
+
+def _global_name(name: str, args: ModelArgs) -> str:
+    """The single-process name of the stage model's parameter `name` (blocks keep their global
+    index; the last stage's own copy of a tied embedding is the embedding)."""
+    return "embed.weight" if name == "lm_head.weight" and args.tie_embeddings else name
 
 
 def _tp_layer(
@@ -246,10 +250,7 @@ class ParallelStage(nn.Module):
 
     def global_name(self, name: str) -> str:
         """The single-process parameter name of local parameter `name`."""
-        name = name.removeprefix("model.")
-        if name == "lm_head.weight" and self.args.tie_embeddings:
-            return "embed.weight"
-        return name
+        return _global_name(name.removeprefix("model."), self.args)
 
     def sharded_pieces(
         self, name: str, local: torch.Tensor

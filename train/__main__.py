@@ -21,9 +21,8 @@ import logging
 import os
 import sys
 
-from data.loader import check_train_shards
 from parallel.collective_timeout import CollectiveTimeout
-from train.config import device_refusal, load_config
+from train.config import load_config
 from train.engine import NonFiniteLossError
 from train.loop import train
 from train.run_setup import RESUME_MODES
@@ -64,9 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, args.overrides)
-        if (reason := device_refusal(cfg.train.device)) is not None:  # before any process group
-            raise ValueError(reason)
-        check_train_shards(cfg.data)  # before the model is built (the stream checks it too)
         result = train(cfg, resume=args.resume)  # rank 0 holds train.run_dir's lock
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -173,8 +173,6 @@ class DeepSpeedEngine(Engine):
     `model` is the Transformer (`ds.module`), `ds` the deepspeed.DeepSpeedEngine.
     """
 
-    kind = "deepspeed"
-
     def __init__(
         self,
         model_args: ModelArgs,

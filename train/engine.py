@@ -163,8 +163,6 @@ class Engine:
 
     model: nn.Module
     device: torch.device
-    kind: str = ""
-    """"local", "megatron" or "deepspeed" (train.engine_choice)."""
 
     def __init__(
         self,
@@ -337,8 +335,6 @@ class LocalEngine(Engine):
     weights here, unlike the Megatron engine (bf16 parameters, fp32 master copies). Its
     checkpoint state is in model space like the Megatron engine's, so either resumes the other.
     """
-
-    kind = "local"
 
     def __init__(
         self,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +75,9 @@ def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Ten
 
 
 def _read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}/.metadata is missing: the checkpoint is incomplete")
-    shapes = ShardedStateRef(path.name, path).shapes()
-    tensors = {k: torch.zeros(s) for k, s in shapes.items() if k.startswith("model.")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "loading in a single process"
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    return tensors
+    return ShardedStateRef(path.name, path).read_whole("model.")
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:

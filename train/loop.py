@@ -171,6 +171,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool | str = False) -> None:
         self.t0 = time.perf_counter()
         self.cfg, t = cfg, cfg.train
+        self.device = resolve_device(t.device)  # refused first if this torch cannot use it
         self.env = env = LaunchEnv.from_env()
         self.kind = engine_kind(cfg, env.world)
         self.layout = None
@@ -180,14 +181,8 @@ class Trainer:
             self.layout = Layout.create(
                 cfg.parallel, env.world, cfg.model, cfg.attention, t.seq_len
             )
-            if self.kind == "deepspeed":
-                from train.deepspeed_config import deepspeed_refusal
-
-                if (reason := deepspeed_refusal(self.layout.pp)) is not None:
-                    raise ValueError(reason)
         self.manifest = check_data(cfg)
         self.run_dir = Path(t.run_dir)
-        self.device = resolve_device(t.device)
         self._exit = ExitStack()
         try:
             if env.is_main:  # one run per run directory, after the checks of its input

@@ -9,9 +9,9 @@
 The stage (`parallel.parallelize` of the single-process Transformer) is wrapped in
 Megatron-core's DistributedDataParallel (contiguous fp32 gradient buffers) and stepped by its
 DistributedOptimizer (AdamW on this data rank's shard of the parameters, then an all-gather),
-or its plain data-parallel optimizer with
-`distributed_optimizer=False`. A step: shard every micro-batch along the sequence for this cp
-rank (the step boundary), run Megatron's forward/backward schedule
+or its plain data-parallel optimizer with `distributed_optimizer=False`. A step: shard every
+micro-batch along the sequence for this cp rank (the step boundary), run Megatron's
+forward/backward schedule
 (`get_forward_backward_func`: no pipelining for pp=1, 1F1B otherwise) with summed losses and
 token counts (`calculate_per_token_loss`), and let `finalize_model_grads` sum the gradients
 over the data x context group, all-reduce the tied embedding between the first and last stage
@@ -77,8 +77,6 @@ class MegatronEngine(Engine):
     `model` is the DistributedDataParallel-wrapped stage, `stage` the ParallelStage
     (parallel.parallelize).
     """
-
-    kind = "megatron"
 
     def __init__(
         self,
@@ -202,7 +200,7 @@ class MegatronEngine(Engine):
                 )
                 if not forward_only:
                     loss_sum = self.with_fault(loss_sum, step)
-                return loss_sum, count.int(), {"loss_sum": loss_sum.detach(), "count": count}
+                return loss_sum, count.int(), {"loss_sum": loss_sum.detach()}
 
             return output, loss_func
 

@@ -20,6 +20,7 @@ in the weights and moments (their gradient is always zero), so they load as zero
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -117,9 +118,9 @@ def _checked_ref(state: dict[str, Any]) -> ShardedStateRef:
     return ref
 
 
-def _adam_step(owned: dict[torch.Tensor, _Owned]) -> int:
-    steps = [int(o.state()["step"]) for o in owned.values() if "step" in o.state()]
-    return max(steps, default=0)
+def _adam_step(states: Iterable[dict[str, Any]]) -> int:
+    """Adam's step count: the largest of its per-parameter states' (0 before any step)."""
+    return max((int(s["step"]) for s in states if "step" in s), default=0)
 
 
 def megatron_sharded_state(engine: MegatronState) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def megatron_sharded_state(engine: MegatronState) -> dict[str, Any]:
         if group is not None and group.size() > 1:
             dist.all_reduce(flat, group=group)
         flats[kind] = flat
-    step = torch.tensor(float(_adam_step(owned)), device=engine.device)
+    step = torch.tensor(float(_adam_step(o.state() for o in owned.values())), device=engine.device)
     if group is not None and group.size() > 1:
         dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
     tensors = ShardedState()
@@ -223,12 +224,11 @@ def local_sharded_state(engine: LocalState) -> dict[str, Any]:
             value = param if key == "param" else state.get(key, torch.zeros_like(param))
             origin = (0,) * param.dim()
             tensors.add(f"{kind}.{name}", param.shape, [(origin, value.detach().float())])
-    steps = [int(s["step"]) for s in opt_state.values() if "step" in s]
     return {
         "version": SHARDED_VERSION,
         "layout": [1, 1, 1, 1],
         "precision": engine.optim_args.precision,
-        "adam_step": max(steps, default=0),
+        "adam_step": _adam_step(opt_state.values()),
         "tensors": tensors,
     }
 

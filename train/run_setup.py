@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.loader import check_train_shards
 from data.prepare import read_manifest
-from train.config import Config
+from train.config import Config, device_refusal
 
 __all__ = [
     "LaunchEnv", "RESUME_MODES", "check_data", "resolve_device", "resume_mode", "rng_state",
@@ -134,13 +135,15 @@ def resume_mode(resume: bool | str) -> str:
 
 
 def check_data(cfg: Config) -> dict[str, Any]:
-    """The prepared data's manifest, after checking its tokenizer fits model.vocab_size."""
+    """The prepared data's manifest, after checking that the configured train shards can exist
+    and that its tokenizer fits model.vocab_size."""
     path = Path(cfg.data.path)
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(
             f"no prepared data in {path} (manifest.json is missing); prepare it first with:\n"
             f"    python -m data.prepare --out {path} --vocab-size {cfg.model.vocab_size}"
         )
+    check_train_shards(cfg.data)  # before the model is built (the stream checks it too)
     manifest = read_manifest(path)
     vocab = manifest["tokenizer"]["vocab_size"]
     if vocab > cfg.model.vocab_size:
@@ -153,6 +156,10 @@ def check_data(cfg: Config) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch.device; a CUDA device this torch cannot use is refused with
+    one sentence (before any process group: the Trainer resolves it first)."""
+    if (reason := device_refusal(name)) is not None:
+        raise ValueError(reason)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

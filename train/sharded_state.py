@@ -221,6 +221,17 @@ class ShardedStateRef:
             if hasattr(v, "size")
         }
 
+    def read_whole(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Every tensor whose key starts with `prefix`, whole, read in this process alone
+        (no process group: export and tests consolidate a checkpoint of any layout)."""
+        import torch.distributed.checkpoint as dcp
+
+        tensors = {k: torch.zeros(s) for k, s in self.shapes().items() if k.startswith(prefix)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "loading in a single process"
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(self._path()), no_dist=True)
+        return tensors
+
     def load_into(self, template: ShardedState) -> None:
         """Collective when torch.distributed is initialised: read every piece of `template`
         (whatever layout wrote the checkpoint) and copy it into the template's tensors."""
