@@ -157,6 +157,8 @@ def sparse_attention(
         cfg.block_size,
         q.shape[-1],
     )
+    if q.device.type != "cpu":
+        plan = plan.to(q.device)  # host metadata, copied once
     gk, gv = _gather_rows(k, glob.positions), _gather_rows(v, glob.positions)
     out, _ = block_sparse_attention(q, k, v, gk, gv, plan)
     if glob.positions.shape[-1] == 0:

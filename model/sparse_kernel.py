@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ class KernelPlan:
     """bool [nq]: some entry of the query block is masked in static_blocked (any head)."""
     global_any: torch.Tensor | None = None
     """bool [nq]: some global key is masked for the query block (any sample)."""
+    block_mask: Any = None
+    """The FlexAttention BlockMask of this plan, made on first use (model/sparse_flex.py)."""
 
     def __post_init__(self) -> None:
         # Most query blocks of a pattern mask nothing: their chunks skip the masked_fill.
@@ -318,16 +320,20 @@ def block_sparse_attention(q, k, v, gk, gv, plan: KernelPlan, rk=None, rv=None):
 
 def global_query_attention(q_glob, k, v, g_pos, k_pos, key_valid, causal: bool, need_lse=True):
     """Global queries q_glob [B, H, G, D] at positions g_pos [1 or B, G] over every key of
-    k / v [B, H, Nk, D] at positions k_pos [Nk]; key_valid [1 or B, Nk] or None.
+    k / v [B, H, Nk, D] at positions k_pos [Nk]; key_valid [1 or B, Nk] or None; the
+    positions and key_valid are host tensors (plan metadata).
     Returns (out, lse) so that partial results over key shards merge exactly; with
     need_lse=False lse is None and the fused SDPA kernel does the work."""
-    allowed = None
+    allowed = None  # built on the host (plan metadata), so that reading it is no device sync
     if key_valid is not None:
-        allowed = key_valid.to(k.device)[:, None, None, :]
+        allowed = key_valid.cpu()[:, None, None, :]
     if causal:
-        ordered = k_pos.to(k.device).view(1, 1, 1, -1) <= g_pos.to(k.device)[:, None, :, None]
+        ordered = k_pos.cpu().view(1, 1, 1, -1) <= g_pos.cpu()[:, None, :, None]
         allowed = ordered if allowed is None else allowed & ordered
-    if not need_lse and (allowed is None or bool(allowed.any(-1).all())):
+    every_row_has_a_key = allowed is None or bool(allowed.any(-1).all())
+    if allowed is not None:
+        allowed = allowed.to(k.device, non_blocking=True)
+    if not need_lse and every_row_has_a_key:
         # SDPA's convention for a row with no allowed key differs; such rows take the path below.
         return F.scaled_dot_product_attention(q_glob, k, v, attn_mask=allowed), None
     scale = 1.0 / math.sqrt(q_glob.shape[-1])

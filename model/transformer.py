@@ -106,6 +106,12 @@ class ModelArgs:
         return 32 * -(-(8 * self.d_model) // (3 * 32))
 
 
+def fused_attention(device_type: str) -> bool:
+    """Whether the attention on this device runs the fused FlexAttention kernel (the
+    backend "auto" of `sparse_attention` / `cp_sparse_attention`): on CUDA."""
+    return device_type == "cuda"
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -146,13 +152,22 @@ class Attention(nn.Module):
         q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
         k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)
         device_type = x_bnc.device.type
+        autocast = torch.is_autocast_enabled(device_type)
         low_precision = q_bhnd.dtype in (torch.bfloat16, torch.float16)
-        if not (low_precision or torch.is_autocast_enabled(device_type)):
+        if not (low_precision or autocast):
             o_bhnd = self._attend(q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn)
+        elif fused_attention(device_type):
+            # FlexAttention takes bf16 q, k, v as they are and keeps its softmax statistics in
+            # fp32 (as FlashAttention does): no fp32 copies of q, k, v.
+            dtype = torch.get_autocast_dtype(device_type) if autocast else q_bhnd.dtype
+            with torch.autocast(device_type, enabled=False):
+                o_bhnd = self._attend(
+                    q_bhnd.to(dtype), k_bhnd.to(dtype), v_bhnd.to(dtype), step, padding_mask_bn
+                )
         else:
-            # bf16 / autocast: the attention math (scores, softmax, log-sum-exp) stays in fp32.
-            # The CPU kernel keeps its log-sum-exp in the input dtype and, under autocast, mixes
-            # bf16 matmul outputs with fp32 buffers; fp32 inputs avoid both.
+            # The blocked CPU kernel: its math (scores, softmax, log-sum-exp) stays in fp32. It
+            # keeps its log-sum-exp in the input dtype and, under autocast, mixes bf16 matmul
+            # outputs with fp32 buffers; fp32 inputs avoid both.
             with torch.autocast(device_type, enabled=False):
                 o_bhnd = self._attend(
                     q_bhnd.float(), k_bhnd.float(), v_bhnd.float(), step, padding_mask_bn

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from model.sparse import SparsityConfig, pad_masks
+from model.sparse_flex import flex_block_attention
 from model.sparse_kernel import block_sparse_attention, make_plan
 from model.sparse_plan import GlobalSet, gather_global_positions
 from parallel.cp_check import check_call, describe, local_problem
@@ -39,7 +40,7 @@ from parallel.cp_comm import (
     random_exchange,
     token_grad,
 )
-from parallel.cp_plan import rank_plan
+from parallel.cp_plan import flex_plan, rank_plan
 from parallel.traffic import TrafficCounter, all_reduce_bytes
 
 __all__ = ["cp_sparse_attention", "pad_for_cp"]
@@ -58,6 +59,7 @@ def cp_sparse_attention(
     traffic: TrafficCounter | None = None,
     overlap: bool = True,
     seq_len: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """This rank's slice [B, H, n, D] of exact sparse attention over the whole sequence.
 
@@ -69,9 +71,14 @@ def cp_sparse_attention(
     are meaningless; the pattern (global blocks, random draws) is that of `seq_len` tokens.
     The masks may then be [batch, seq_len] or [batch, padded length].
 
+    backend: "auto" (FlexAttention on CUDA, the blocked kernel elsewhere), "flex" (one fused
+    call per rank over the whole key buffer, after the halo has arrived) or "blocked".
+
     group: the cp process group (None = WORLD; without torch.distributed initialised, one
     rank). Raises ValueError on every rank (not a hang) for impossible or mismatched arguments.
     """
+    if backend not in ("auto", "flex", "blocked"):
+        raise ValueError(f"backend={backend!r} must be 'auto', 'flex' or 'blocked'")
     comm = CPComm.create(group, traffic, layer)
     padded_len = q_local.shape[2] * comm.world if q_local.dim() == 4 else 0
     pattern_len = padded_len if seq_len is None else seq_len
@@ -111,48 +118,76 @@ def cp_sparse_attention(
     if plan.halo_in_group:
         wait_halo = halo_exchange(comm, plan, cfg.block_size, token, k_edge, v_edge)
     kl = vl = kr = vr = k_local.new_zeros(batch, heads, 0, dim)
-    if wait_halo is not None and not overlap:
-        kl, vl, kr, vr, token = wait_halo()
-        wait_halo = None
-    q_runs = q_local.split([tokens for tokens, _ in plan.runs], dim=2)
 
-    def run(interior, table, k_buf, v_buf, k_pos, rk_buf=None, rv_buf=None):
-        q_sel = [q for q, (_, inner) in zip(q_runs, plan.runs, strict=True) if inner == interior]
-        q_blocks = plan.interior if interior else plan.boundary
-        kplan = make_plan(
-            table, _tokens(q_blocks, cfg.block_size), k_pos, skip[:, k_pos], glob.positions,
-            g_valid, cfg.causal, cfg.block_size, dim,
-        )  # fmt: skip
-        if q_local.device.type != "cpu":
-            kplan = kplan.to(q_local.device)
-        q_cat = q_sel[0] if len(q_sel) == 1 else torch.cat(q_sel, dim=2)
-        out = block_sparse_attention(q_cat, k_buf, v_buf, gk, gv, kplan, rk_buf, rv_buf)[0]
-        return list(out.split([tokens for tokens, inner in plan.runs if inner == interior], 2))
-
-    out_interior: list[torch.Tensor] = []
-    if plan.interior.numel():  # overlaps the halo transfer
-        rk_buf = rv_buf = None
-        if plan.kpos_interior.numel() > n_local:  # random entries: their own small buffer
-            drawn = plan.random_local.to(k_local.device)
-            rk_buf = torch.cat([rk, k_local.index_select(2, drawn)], dim=2)
-            rv_buf = torch.cat([rv, v_local.index_select(2, drawn)], dim=2)
-        out_interior = run(
-            True, plan.table_interior, k_local, v_local, plan.kpos_interior, rk_buf, rv_buf
-        )
-    partial = None
-    if n_glob:  # the global queries' softmax over the local keys, also during the transfer
+    def global_partial():  # the global queries' softmax over the local keys
+        if not n_glob:
+            return None
         k_valid_local = None if key_valid is None else key_valid[:, lo : lo + n_local]
-        partial = _global_partial(q_glob, k_local, v_local, glob, lo, k_valid_local, cfg.causal)
-    if wait_halo is not None:
-        kl, vl, kr, vr, token = wait_halo()
-    out_boundary: list[torch.Tensor] = []
-    if plan.boundary.numel():
-        near = plan.boundary_in_edge.to(k_local.device)
-        k_buf = torch.cat([kl, k_edge.index_select(2, near), kr, rk], dim=2)
-        v_buf = torch.cat([vl, v_edge.index_select(2, near), vr, rv], dim=2)
-        out_boundary = run(False, plan.table_boundary, k_buf, v_buf, plan.kpos_boundary)
-    # the runs back in sequence order: one concatenation
-    parts = [(out_interior if inner else out_boundary).pop(0) for _, inner in plan.runs]
+        return _global_partial(q_glob, k_local, v_local, glob, lo, k_valid_local, cfg.causal)
+
+    if backend == "flex" or (backend == "auto" and q_local.is_cuda):
+        partial = global_partial()  # during the halo transfer
+        if wait_halo is not None:
+            kl, vl, kr, vr, token = wait_halo()
+        fplan = flex_plan(cfg, seq_len, comm.world, comm.rank, heads, layer, step, pattern_len)
+        # Without per-sample masks the kernel plan (and the BlockMask kept on it) depends only
+        # on (step, layer): built once, it serves every micro-batch and the backward.
+        shared = padding_mask is None and global_mask is None
+        kplan = fplan.kernel_plans.get(dim) if shared else None
+        if kplan is None:
+            kplan = make_plan(
+                fplan.table, torch.arange(lo, lo + n_local), fplan.kpos, skip[:, fplan.kpos],
+                glob.positions, g_valid, cfg.causal, cfg.block_size, dim,
+            )  # fmt: skip
+            if shared:
+                fplan.kernel_plans[dim] = kplan
+        zeros = k_local.new_zeros(batch, heads, fplan.pad_blocks * cfg.block_size, dim)
+        k_buf = torch.cat([kl, k_local, kr, rk, zeros], dim=2)
+        v_buf = torch.cat([vl, v_local, vr, rv, zeros], dim=2)
+        parts = [flex_block_attention(q_local, k_buf, v_buf, gk, gv, kplan)[0]]
+    else:
+        if wait_halo is not None and not overlap:
+            kl, vl, kr, vr, token = wait_halo()
+            wait_halo = None
+        q_runs = q_local.split([tokens for tokens, _ in plan.runs], dim=2)
+
+        def run(interior, table, k_buf, v_buf, k_pos, rk_buf=None, rv_buf=None):
+            q_sel = [
+                q for q, (_, inner) in zip(q_runs, plan.runs, strict=True) if inner == interior
+            ]
+            q_blocks = plan.interior if interior else plan.boundary
+            kplan = make_plan(
+                table, _tokens(q_blocks, cfg.block_size), k_pos, skip[:, k_pos],
+                glob.positions, g_valid, cfg.causal, cfg.block_size, dim,
+            )  # fmt: skip
+            if q_local.device.type != "cpu":
+                kplan = kplan.to(q_local.device)
+            q_cat = q_sel[0] if len(q_sel) == 1 else torch.cat(q_sel, dim=2)
+            out = block_sparse_attention(q_cat, k_buf, v_buf, gk, gv, kplan, rk_buf, rv_buf)[0]
+            sizes = [tokens for tokens, inner in plan.runs if inner == interior]
+            return list(out.split(sizes, 2))
+
+        out_interior: list[torch.Tensor] = []
+        if plan.interior.numel():  # overlaps the halo transfer
+            rk_buf = rv_buf = None
+            if plan.kpos_interior.numel() > n_local:  # random entries: their own small buffer
+                drawn = plan.random_local.to(k_local.device)
+                rk_buf = torch.cat([rk, k_local.index_select(2, drawn)], dim=2)
+                rv_buf = torch.cat([rv, v_local.index_select(2, drawn)], dim=2)
+            out_interior = run(
+                True, plan.table_interior, k_local, v_local, plan.kpos_interior, rk_buf, rv_buf
+            )
+        partial = global_partial()  # also during the transfer
+        if wait_halo is not None:
+            kl, vl, kr, vr, token = wait_halo()
+        out_boundary: list[torch.Tensor] = []
+        if plan.boundary.numel():
+            near = plan.boundary_in_edge.to(k_local.device)
+            k_buf = torch.cat([kl, k_edge.index_select(2, near), kr, rk], dim=2)
+            v_buf = torch.cat([vl, v_edge.index_select(2, near), vr, rv], dim=2)
+            out_boundary = run(False, plan.table_boundary, k_buf, v_buf, plan.kpos_boundary)
+        # the runs back in sequence order: one concatenation
+        parts = [(out_interior if inner else out_boundary).pop(0) for _, inner in plan.runs]
     if not n_glob:
         return attach_token(parts, token)
     assert partial is not None

@@ -13,7 +13,7 @@ Legend: nb = blocks in the sequence, nl = blocks per rank, all block ids are glo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -251,3 +251,53 @@ def _runs(interior: torch.Tensor, block: int) -> list[tuple[int, bool]]:
         else:
             runs.append((block, flag))
     return runs
+
+
+@dataclass
+class FlexPlan:
+    """One rank's work as a single FlexAttention call: every local query block over the
+    buffer [halo-left | local | halo-right | received random blocks | zero blocks]."""
+
+    table: BlockTable
+    kpos: torch.Tensor
+    """long: global token positions of the buffer (0 for the zero blocks, which no entry reads)."""
+    pad_blocks: int
+    """Zero blocks after the received random blocks: the random part is padded to a size that
+    does not change with the step or layer (the pool's size, or else the next power of two),
+    so the compiled kernel sees one shape."""
+    kernel_plans: dict = field(default_factory=dict)
+    """Head dim -> the kernel plan of a call without per-sample masks (with its BlockMask),
+    filled on first use: one per (step, layer) for every micro-batch."""
+
+
+@lru_cache(maxsize=64)
+def flex_plan(
+    cfg: SparsityConfig,
+    seq_len: int,
+    world: int,
+    rank: int,
+    n_heads: int,
+    layer: int,
+    step: int,
+    pattern_len: int | None = None,
+) -> FlexPlan:
+    """The table of `rank`'s fused call, built once per (step, layer) like `rank_plan`."""
+    plan = rank_plan(cfg, seq_len, world, rank, n_heads, layer, step, pattern_len)
+    b = cfg.block_size
+    n_blocks = seq_len // b
+    nl = n_blocks // world
+    (l_lo, l_hi), (r_lo, r_hi) = plan.halo_left, plan.halo_right
+    local = torch.arange(rank * nl, (rank + 1) * nl)
+    mine = plan.random_blocks
+    buf = torch.cat([torch.arange(l_lo, l_hi), local, torch.arange(r_lo, r_hi), mine])
+    n_random = mine.numel()
+    bound = cfg.random_pool_blocks * (n_heads if cfg.random_per_head else 1)
+    if n_random > bound:
+        bound = 1 << (n_random - 1).bit_length()
+    table = build_block_table(
+        cfg, seq_len, n_heads, layer, step, local, _slots(n_blocks, buf),
+        cfg.n_blocks(pattern_len or seq_len),
+    )  # fmt: skip
+    pad = max(0, bound - n_random)
+    kpos = torch.cat([_blocks_to_tokens(buf, b), torch.zeros(pad * b, dtype=torch.long)])
+    return FlexPlan(table=table, kpos=kpos, pad_blocks=pad)

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HOST_KEYS = ("padding_mask", "global_mask")
+"""Batch entries kept on the host: the attention masks, which only the attention plans read."""
 """optim.precision values and their dtypes."""
 
 
@@ -227,9 +229,14 @@ class Engine:
         return lr
 
     def to_local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This cp rank's slice of `batch` along the sequence, on the engine's device."""
+        """This cp rank's slice of `batch` along the sequence, on the engine's device; the
+        attention masks stay on the host, where the attention plans from them (reading a
+        device mask would be a host synchronisation in every layer)."""
         local = shard_sequence(batch, self.cp_rank, self.cp)
-        return {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+        return {
+            k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True)
+            for k, v in local.items()
+        }
 
     def count_tokens(self, local: list[dict[str, torch.Tensor]]) -> float:
         """Loss-carrying tokens of the whole step: this rank's slices summed over the token

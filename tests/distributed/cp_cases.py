@@ -3,7 +3,8 @@
 Every rank builds the same full q, k, v, upstream gradient and masks from a seed, runs the
 single-device dense reference (`cfg.dense_mask` + `dense_attention`, with the padding) on the
 whole sequence, runs `cp_sparse_attention` on its slice, and returns the max errors of its
-slice of the output and of the q/k/v gradients. Used by test_context_parallel.py.
+slice of the output and of the q/k/v gradients (in fp32 also the output of the fused
+FlexAttention path, `backend="flex"`). Used by test_context_parallel.py.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ def _errors(rank, world, case, dtype, layer=1, step=3, batch=2, heads=3, dim=8):
         "dk": (kl.grad, dk[:, :, sl]),
         "dv": (vl.grad, dv[:, :, sl]),
     }
+    if dtype == torch.float32:  # the fused path (FlexAttention runs forward only on CPU)
+        with torch.no_grad():
+            flex = cp_sparse_attention(
+                ql.detach(), kl.detach(), vl.detach(), cfg, None, layer, step,
+                padding_mask=padding_mask, global_mask=global_mask, seq_len=length,
+                backend="flex",
+            )  # fmt: skip
+        pairs["flex_out"] = (flex[:, :, :real], ref_out[:, :, sl][:, :, :real])
     return {key: float((a - b).detach().abs().max()) for key, (a, b) in pairs.items()}
 
 

@@ -5,7 +5,8 @@ pytest tests/distributed/test_context_parallel.py      (about a minute on 2 core
 One spawn per P runs every pattern (window with a multi-hop reach, +global, +random, BigBird,
 per-head dilation, per-head random, explicit global tokens, per-sample global_mask, ETC,
 padding), causal and bidirectional, in fp64 (tolerance 1e-10) and fp32 (1e-5): output and the
-q/k/v gradients of a random upstream gradient, each rank checking its slice.
+q/k/v gradients of a random upstream gradient, each rank checking its slice; in fp32 also the
+forward of the fused FlexAttention path (`backend="flex"`, the CUDA default).
 """
 
 from __future__ import annotations
