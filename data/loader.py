@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.masking import mlm_batch
+from data.masking import global_marks, mlm_batch
 from data.packing import Packer, make_batch
 from data.prepare import read_manifest
 from data.reshard import MERGED_KIND, merge_rank_states, reader_states_from_merged
@@ -87,6 +87,11 @@ class DataArgs:
     objective: str = "clm"  # "clm": next-token labels; "mlm": BERT-style masked tokens
     mlm_probability: float = 0.15  # mlm: fraction of ordinary tokens chosen for prediction
     mask_token: str = "<mask>"  # mlm: tokenizer piece used as mask (prepare --user-symbols)
+    # Per-sample global tokens of the attention (a `global_mask` in every batch): the first
+    # token of every packed document, and/or every occurrence of the tokenizer piece
+    # `global_piece` (a CLS or question marker; "" for none; prepare --user-symbols).
+    global_doc_starts: bool = False
+    global_piece: str = ""
     # Damaged shards, undecodable samples and empty documents: "skip" (logged and counted in
     # stream.stats()) or "fail" (raise at the first one).
     bad_data: str = "skip"
@@ -100,7 +105,7 @@ class DataArgs:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"data.{key}={value!r} must be an integer >= 0")
-        for key in ("shuffle_shards", "doc_start_at_boundary"):
+        for key in ("shuffle_shards", "doc_start_at_boundary", "global_doc_starts"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"data.{key}={getattr(self, key)!r} must be true or false")
         if self.objective not in OBJECTIVES:
@@ -110,6 +115,8 @@ class DataArgs:
             raise ValueError(f"data.mlm_probability={p!r} must be a number in (0, 1)")
         if not isinstance(self.mask_token, str) or not self.mask_token:
             raise ValueError(f"data.mask_token={self.mask_token!r} must be a tokenizer piece")
+        if not isinstance(self.global_piece, str):
+            raise ValueError(f"data.global_piece={self.global_piece!r} must be a tokenizer piece")
         if self.bad_data not in BAD_DATA_POLICIES:
             raise ValueError(f"data.bad_data={self.bad_data!r} must be one of {BAD_DATA_POLICIES}")
 
@@ -153,6 +160,20 @@ def mask_token_id(args: DataArgs, root: Path, manifest: dict) -> int:
         raise ValueError(
             f"data.objective=mlm needs data.mask_token={args.mask_token!r} in the tokenizer, "
             f"and {root} has no such piece: re-prepare with --user-symbols '{args.mask_token}'"
+        )
+    return token_id
+
+
+def global_piece_id(args: DataArgs, root: Path, manifest: dict) -> int:
+    """The id of ``args.global_piece`` in the prepared tokenizer; -1 when none is set."""
+    if not args.global_piece:
+        return -1
+    tok = Tokenizer.load(root / manifest["tokenizer"]["file"])
+    token_id = tok.piece_to_id(args.global_piece)
+    if token_id == tok.unk_id and args.global_piece != tok.id_to_piece(tok.unk_id):
+        raise ValueError(
+            f"data.global_piece={args.global_piece!r} is not a piece of the tokenizer in "
+            f"{root}: re-prepare with --user-symbols '{args.global_piece}'"
         )
     return token_id
 
@@ -226,6 +247,8 @@ class TrainStream:
             mlm_probability=float(args.mlm_probability),
             mask_id=mask_token_id(args, self.root, self.manifest),
             vocab_size=self.vocab_size,
+            global_doc_starts=args.global_doc_starts,
+            global_piece_id=global_piece_id(args, self.root, self.manifest),
         )
         self.reader_states = [initial_state(w) for w in range(self.num_streams)]
         self.next_reader = 0
@@ -379,11 +402,13 @@ def build_val_batches(
         )
     eos, pad = tok["eos_id"], tok["pad_id"]
     mask_id = mask_token_id(args, root, manifest)
+    piece_id = global_piece_id(args, root, manifest)
     packer = Packer(seq_len, eos, pad, args.doc_start_at_boundary)
     batches: list[Batch] = []
 
     def add(windows: np.ndarray, valid: np.ndarray) -> None:
         batch = make_batch(windows, eos, pad, valid)
+        batch = global_marks(batch, valid[:, :-1], args.global_doc_starts, piece_id)
         if args.objective == "mlm":
             rng = np.random.default_rng([args.seed, len(batches), 1])
             p = args.mlm_probability

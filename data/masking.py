@@ -1,4 +1,4 @@
-"""BERT-style masked-language-model targets for a packed batch.
+"""BERT-style masked-language-model targets and per-sample global marks for a packed batch.
 
 Of the maskable positions (real tokens that are not special ids: EOS separators and padding are
 never masked), each is chosen with probability ``mlm_probability``; a chosen token is replaced by
@@ -7,6 +7,14 @@ of the time. Labels hold the original token at chosen positions and IGNORE_INDEX
 ``torch.nn.functional.cross_entropy`` ignores) everywhere else; ``loss_mask`` is 1 exactly at the
 chosen positions. The draw comes from the generator passed in, so a stream that seeds it from its
 position is resumable without saving generator state.
+
+Global marks (``global_marks``): the per-sample global tokens of the attention pattern, as a
+``global_mask`` [B, L] bool entry: the first token of every packed document (the EOS separator
+that begins it, where its position ids restart; see data/packing.py) and/or every
+occurrence of one tokenizer piece (a CLS or question marker). A marked token sees every key
+and is seen by every query (model/sparse.py); under context parallelism the whole [B, L] mask
+reaches every rank, so every rank's marks join the global exchange. Marked tokens are never
+chosen as MLM targets.
 
 Shape legend: B = micro batch size, L = seq_len.
 """
@@ -34,6 +42,8 @@ def mlm_batch(
     """
     original = batch["tokens"].numpy()
     maskable = valid_bl & (original >= FIRST_ORDINARY_ID) & (original != mask_id)
+    if "global_mask" in batch:
+        maskable &= ~batch["global_mask"].numpy()
     chosen = maskable & (rng.random(original.shape) < probability)
     action = rng.random(original.shape)
     random_ids = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=original.shape)
@@ -48,3 +58,19 @@ def mlm_batch(
         "labels": torch.from_numpy(labels.astype(np.int64)),
         "loss_mask": torch.from_numpy(chosen.astype(np.float32)),
     }
+
+
+def global_marks(
+    batch: dict[str, torch.Tensor], valid_bl: np.ndarray, doc_starts: bool, piece_id: int
+) -> dict[str, torch.Tensor]:
+    """``batch`` with its ``global_mask`` [B, L]: the first real token of every packed document
+    (``doc_starts``) and every occurrence of token ``piece_id`` (-1: none). Unchanged when
+    neither is asked for."""
+    if not doc_starts and piece_id < 0:
+        return batch
+    marks = np.zeros(valid_bl.shape, dtype=bool)
+    if doc_starts:
+        marks |= (batch["position_ids"].numpy() == 0) & valid_bl
+    if piece_id >= 0:
+        marks |= (batch["tokens"].numpy() == piece_id) & valid_bl
+    return {**batch, "global_mask": torch.from_numpy(marks)}

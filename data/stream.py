@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.masking import mlm_batch
+from data.masking import global_marks, mlm_batch
 from data.packing import Packer, make_batch
 from data.shards import load_shard
 
@@ -78,6 +78,8 @@ class StreamSpec:
     mlm_probability: float
     mask_id: int
     vocab_size: int
+    global_doc_starts: bool = False
+    global_piece_id: int = -1  # -1: no global piece
 
     def rank_shards(self, epoch: int) -> list[int]:
         """Indices (into ``urls``) of this rank's shards in ``epoch``, in reading order."""
@@ -239,6 +241,7 @@ class ReaderStream:
                 packer.add(doc, where, start)
             windows, valid = packer.pop(b)
             batch = make_batch(windows, spec.eos_id, spec.pad_id, valid)
+            batch = global_marks(batch, valid[:, :-1], spec.global_doc_starts, spec.global_piece_id)
             if spec.objective == "mlm":
                 seq = [spec.data_seed, spec.seed, spec.dp_rank, self.reader, st["batches"]]
                 rng = np.random.default_rng(seq + [st["generation"]] * (st["generation"] > 0))

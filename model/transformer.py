@@ -142,6 +142,7 @@ class Attention(nn.Module):
         position_ids_bn: torch.Tensor,
         step: int,
         padding_mask_bn: torch.Tensor | None,
+        global_mask_bn: torch.Tensor | None = None,
     ) -> torch.Tensor:
         qkv = self.qkv(x_bnc)
         # n from the projection: under Megatron's sequence parallelism x is this tensor-parallel
@@ -155,14 +156,19 @@ class Attention(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         low_precision = q_bhnd.dtype in (torch.bfloat16, torch.float16)
         if not (low_precision or autocast):
-            o_bhnd = self._attend(q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn)
+            o_bhnd = self._attend(q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn, global_mask_bn)
         elif fused_attention(device_type):
             # FlexAttention takes bf16 q, k, v as they are and keeps its softmax statistics in
             # fp32 (as FlashAttention does): no fp32 copies of q, k, v.
             dtype = torch.get_autocast_dtype(device_type) if autocast else q_bhnd.dtype
             with torch.autocast(device_type, enabled=False):
                 o_bhnd = self._attend(
-                    q_bhnd.to(dtype), k_bhnd.to(dtype), v_bhnd.to(dtype), step, padding_mask_bn
+                    q_bhnd.to(dtype),
+                    k_bhnd.to(dtype),
+                    v_bhnd.to(dtype),
+                    step,
+                    padding_mask_bn,
+                    global_mask_bn,
                 )
         else:
             # The blocked CPU kernel: its math (scores, softmax, log-sum-exp) stays in fp32. It
@@ -170,11 +176,16 @@ class Attention(nn.Module):
             # outputs with fp32 buffers; fp32 inputs avoid both.
             with torch.autocast(device_type, enabled=False):
                 o_bhnd = self._attend(
-                    q_bhnd.float(), k_bhnd.float(), v_bhnd.float(), step, padding_mask_bn
+                    q_bhnd.float(),
+                    k_bhnd.float(),
+                    v_bhnd.float(),
+                    step,
+                    padding_mask_bn,
+                    global_mask_bn,
                 ).to(q_bhnd.dtype)
         return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
 
-    def _attend(self, q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn) -> torch.Tensor:
+    def _attend(self, q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn, global_mask_bn):
         return self.attention_fn(
             q_bhnd,
             k_bhnd,
@@ -183,6 +194,7 @@ class Attention(nn.Module):
             layer=self.layer,
             step=step,
             padding_mask=padding_mask_bn,
+            global_mask=global_mask_bn,
         )
 
 
@@ -201,8 +213,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.d_model, args.norm_eps)
         self.mlp = MLP(args.d_model, args.hidden, args.mlp, linears)
 
-    def forward(self, x, position_ids, step, padding_mask):
-        x = x + self.attn(self.attn_norm(x), position_ids, step, padding_mask)
+    def forward(self, x, position_ids, step, padding_mask, global_mask=None):
+        x = x + self.attn(self.attn_norm(x), position_ids, step, padding_mask, global_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -263,16 +275,23 @@ class Transformer(nn.Module):
         position_ids_bn: torch.Tensor | None = None,
         step: int = 0,
         padding_mask_bn: torch.Tensor | None = None,
+        global_mask_bn: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [b, n, vocab] in float32. `step` seeds the random-block draw of this step;
-        `padding_mask_bn` (True = padded key) keeps padded tokens out of every attention."""
+        `padding_mask_bn` (True = padded key) keeps padded tokens out of every attention;
+        `global_mask_bn` (True = global token) adds the sample's own global tokens (CLS,
+        question or document-start marks) to the pattern's. Under context parallelism both
+        masks are the whole sequence's [b, N], on the host."""
         if position_ids_bn is None:
             position_ids_bn = torch.arange(tokens_bn.shape[1], device=tokens_bn.device)
             position_ids_bn = position_ids_bn.expand_as(tokens_bn)
         # A later pipeline stage (parallel.parallelize) has no embedding: its input is the
         # previous stage's hidden states [b, n, c]; all but the last return theirs.
         x = tokens_bn if self.embed is None else self.embed(tokens_bn)
-        x = run_blocks(self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute)
+        x = run_blocks(
+            self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute,
+            global_mask_bn,
+        )  # fmt: skip
         if self.lm_head is None or self.norm is None:
             return x
         return self.lm_head(self.norm(x)).float()
@@ -305,6 +324,7 @@ def run_blocks(
     step: int,
     padding_mask: torch.Tensor | None,
     recompute: bool,
+    global_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x` through `blocks` in order; with `recompute` (and gradients on) each block is an
     activation checkpoint: only its input is kept, its activations are recomputed in the
@@ -314,9 +334,11 @@ def run_blocks(
     # A pipeline stage keeps its blocks in a ModuleDict keyed by their global index.
     for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
         if recompute and torch.is_grad_enabled():
-            x = checkpoint(block, x, position_ids, step, padding_mask, use_reentrant=False)
+            x = checkpoint(
+                block, x, position_ids, step, padding_mask, global_mask, use_reentrant=False
+            )
         else:
-            x = block(x, position_ids, step, padding_mask)
+            x = block(x, position_ids, step, padding_mask, global_mask)
     return x
 
 

@@ -225,17 +225,18 @@ class ParallelStage(nn.Module):
         position_ids_bn: torch.Tensor,
         step: int = 0,
         padding_mask_bn: torch.Tensor | None = None,
+        global_mask_bn: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last stage: this tp rank's logits [b, n, V/tp] (float32); other stages: the hidden
         states [n, b, c] for the next stage ([n/tp, b, c] with sequence parallelism: this tp
-        rank's shard). `padding_mask_bn` is the full [b, N] mask."""
+        rank's shard). The masks are the full [b, N] ones."""
         if self.pre_process:
             x = tokens_bn
         elif self.input_tensor is None:
             raise RuntimeError("a non-first pipeline stage needs set_input_tensor first")
         else:
             x = self.input_tensor.transpose(0, 1)
-        out = self.model(x, position_ids_bn, step, padding_mask_bn)
+        out = self.model(x, position_ids_bn, step, padding_mask_bn, global_mask_bn)
         return out if self.post_process else out.transpose(0, 1).contiguous()
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:

@@ -201,9 +201,9 @@ def parallel_lm_loss(
     tokens. The padded vocabulary rows (>= vocab_size) are masked out of the softmax."""
     per_rank = logits_bnv.shape[-1]
     start = dist.get_rank(tp_group) * per_rank
-    cols = torch.arange(start, start + per_rank, device=logits_bnv.device)
-    padded = cols >= vocab_size
-    if bool(padded.any()):
+    if start + per_rank > vocab_size:  # decided on the host: no device sync
+        cols = torch.arange(start, start + per_rank, device=logits_bnv.device)
+        padded = cols >= vocab_size
         logits_bnv = logits_bnv.masked_fill(padded, torch.finfo(logits_bnv.dtype).min)
     else:
         logits_bnv = logits_bnv.clone()  # Megatron's CE subtracts the max in place

@@ -164,15 +164,22 @@ class Config:
             attn.validate_seq_len(seq_len)
         except ValueError as e:
             raise ValueError(f"train.seq_len={seq_len} does not fit the attention: {e}") from e
-        if not attn.causal:
+        if not attn.causal and self.data.objective == "clm":
             raise ValueError(
                 "attention.causal=false cannot train a next-token language model: every token "
-                "would see the token it must predict; set attention.causal=true"
+                "would see the token it must predict; set attention.causal=true, or "
+                "data.objective=mlm for a bidirectional (BigBird / Longformer) encoder"
             )
-        if attn.etc_tokens or attn.global_tokens:
+        if attn.etc_tokens:
             raise ValueError(
-                "attention.etc_tokens / attention.global_tokens are not supported by the "
-                "language-model trainer yet (global tokens come from global_blocks)"
+                "attention.etc_tokens is not supported by the trainer yet (the model does not "
+                "prepend learned ETC tokens); mark global tokens with attention.global_blocks, "
+                "attention.global_tokens, data.global_doc_starts or data.global_piece"
+            )
+        if attn.causal and self.data.objective == "mlm":
+            raise ValueError(
+                "data.objective=mlm trains a bidirectional encoder: set attention.causal=false "
+                "(a causal model predicts the next token, data.objective=clm)"
             )
         attn.head_dilations(self.model.n_heads)  # a per-head dilation list must match n_heads
         if self.schedule.min_lr > self.optim.lr:

@@ -257,7 +257,10 @@ class DeepSpeedEngine(Engine):
     # ---- what differs from the other engines (train.engine.Engine) --------------------------
 
     def _loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.ds(batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"))
+        logits = self.ds(
+            batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"),
+            batch.get("global_mask"),
+        )  # fmt: skip
         if self.stage is None:
             return lm_loss(logits, batch["labels"], batch["loss_mask"])
         from parallel.tensor_parallel import parallel_lm_loss

@@ -364,7 +364,11 @@ class LocalEngine(Engine):
         bf16 = self.optim_args.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = self.model(
-                batch["tokens"], batch["position_ids"], step, batch.get("padding_mask")
+                batch["tokens"],
+                batch["position_ids"],
+                step,
+                batch.get("padding_mask"),
+                batch.get("global_mask"),
             )
         return lm_loss(logits, batch["labels"], batch["loss_mask"])
 

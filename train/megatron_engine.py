@@ -192,7 +192,10 @@ class MegatronEngine(Engine):
 
         def forward_step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Any]:
             batch = next(data_iterator)
-            output = model(batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"))
+            output = model(
+                batch["tokens"], batch["position_ids"], step, batch.get("padding_mask"),
+                batch.get("global_mask"),
+            )  # fmt: skip
 
             def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
                 loss_sum, count = parallel_lm_loss(

@@ -42,6 +42,9 @@ class Case:
             block_size=16, window_blocks=3, global_blocks=1, random_blocks=2, causal=True, seed=3
         )
     )
+    mlm: bool = False
+    """Masked-LM batches (labels at 15% of the positions, -100 elsewhere) with per-sample
+    global marks (`global_mask`), for a bidirectional `attention`."""
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(
@@ -73,10 +76,25 @@ def batches(case: Case, step: int) -> list[dict[str, torch.Tensor]]:
         labels = torch.randint(0, case.vocab_size, shape, generator=gen)
         loss_mask = (torch.rand(shape, generator=gen) > 0.2).float()
         position_ids = torch.arange(case.seq_len).expand(shape).contiguous()
-        out.append(
-            dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids)
-        )
+        batch = dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids)
+        if case.mlm:
+            chosen = torch.rand(shape, generator=gen) < 0.15
+            batch["labels"] = torch.where(chosen, tokens, -100)
+            batch["loss_mask"] = chosen.float()
+            batch["global_mask"] = torch.rand(shape, generator=gen) < 0.02
+        out.append(batch)
     return out
+
+
+MLM = Case(
+    mlm=True,
+    attention=dict(
+        block_size=16, window_blocks=3, global_blocks=2, random_blocks=2, causal=False, seed=3,
+        global_tokens=(40,),
+    ),
+)  # fmt: skip
+"""A bidirectional BigBird encoder trained with masked-LM targets, with ITC global blocks, an
+explicit global position and per-sample global marks."""
 
 
 def reference(case: Case) -> dict:

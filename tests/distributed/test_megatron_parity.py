@@ -3,18 +3,20 @@
 pytest tests/distributed/test_megatron_parity.py    (about 70 s on 2 cores, plus about 2 minutes
                                                      for the 8-rank runs -m "not slow" skips)
 
-Every layout trains the same tiny causal BigBird-style model (2 layers, d=32, 4 heads,
-seq 256, block 16, vocab 250 padded to the tp multiple) with MegatronEngine (Megatron DDP and
+Every layout trains the same tiny causal BigBird-style model (2 layers, d=32, 4 heads, seq 256,
+block 16, vocab 250 padded to the tp multiple; in their own runs, a bidirectional BigBird encoder
+on masked-LM batches with per-sample global marks, `mc.MLM`) with MegatronEngine (Megatron DDP and
 its DistributedOptimizer, or its plain optimizer) for 3 AdamW steps on the same global batch as
-`LocalEngine` in this process, with gradient clipping active; some runs save the engine state
-mid-way and continue in a new engine. Compared: the loss, the gradient norm and the token count
-of every step, the validation loss after training and every final parameter (gathered from the
-tp / pp shards; dp / cp replicas, the tied embedding's two pipeline copies and the tp ranks'
-norm weights must agree exactly), within 1e-5 in fp32. Megatron's sequence parallelism
-(`parallel.sequence_parallel`) runs with tp=2, tp2 x cp2, tp2 x pp2 and (slow, 8 ranks)
-tp2 x pp2 x cp2; the tp2 and tp2 x pp2 runs use micro-batches of 2 sequences (the
-[b, n] <-> [n, b] transposes around Megatron's layers) and recompute. Several layouts share one
-spawn of ranks (the groups are rebuilt between them) to keep the process start-up cost low.
+`LocalEngine` in this process, with gradient clipping active; some runs save the engine state mid-
+way and continue in a new engine. Compared: the loss, the gradient norm and the token count of
+every step, the validation loss after training and every final parameter (gathered from the tp / pp
+shards; dp / cp replicas, the tied embedding's two pipeline copies and the tp ranks' norm weights
+must agree exactly), within 1e-5 in fp32. Megatron's sequence parallelism
+(`parallel.sequence_parallel`) runs with tp=2, tp2 x cp2, tp2 x pp2 and (slow, 8 ranks) tp2 x pp2 x
+cp2; the tp2 and tp2 x pp2 runs use micro-batches of 2 sequences (the [b, n] <-> [n, b] transposes
+around Megatron's layers) and recompute. Several layouts share one spawn of ranks (the groups are
+rebuilt between them) to keep the process start-up cost low.
+
 The unit checks at the end (weight slicing, CPU shims) need no processes.
 """
 
@@ -100,6 +102,18 @@ def test_tp2_cp2_dp2_pp2_and_tp2_sequence_parallel_each_match_single_process(tmp
 
 
 @pytest.mark.timeout(240)
+def test_bidirectional_mlm_with_global_marks_matches_single_process(tmp_path):
+    runs = [
+        mc.Run(dict(tp=2), mc.MLM),
+        mc.Run(dict(cp=2), mc.MLM),
+        mc.Run(dict(), mc.MLM, resume_after=1),  # dp = 2, resumed mid-way
+        mc.Run(dict(pp=2), mc.MLM),
+    ]
+    per_rank = run_ranks(mc.parity_rank, 2, tmp_path, args=(runs,), timeout=200)
+    assert _check(per_rank, runs) == []
+
+
+@pytest.mark.timeout(240)
 def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
     runs = [
         mc.Run(dict(tp=2, cp=2), without_megatron_globals=True),
@@ -107,6 +121,7 @@ def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
         mc.Run(dict(pp=2), UNTIED, resume_after=2),
         mc.Run(dict(tp=2, cp=2, **SP)),
         mc.Run(dict(tp=2, pp=2, **SP), SP_CASE),  # the pipeline sends [n/tp, b, c]
+        mc.Run(dict(tp=2, cp=2), mc.MLM),  # bidirectional, the global marks across cp ranks
     ]
     per_rank = run_ranks(mc.parity_rank, 4, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []

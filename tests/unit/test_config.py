@@ -154,7 +154,12 @@ def test_override_inside_a_value_or_a_whole_section():
             ["train.seq_len=1000", "attention.block_size=64", "parallel.cp=2"],
         ),
         (["model.n_heads=3"], ["model.n_heads=3", "model.d_model=128"]),
-        (["attention.causal=false"], ["attention.causal"]),
+        (["attention.causal=false"], ["attention.causal", "data.objective=mlm"]),
+        (["data.objective=mlm"], ["data.objective=mlm", "attention.causal=false"]),
+        (
+            ["attention.causal=false", "data.objective=mlm", "attention.etc_tokens=2"],
+            ["attention.etc_tokens"],
+        ),
         (["schedule.min_lr=1.0", "optim.lr=0.1"], ["schedule.min_lr", "optim.lr"]),
         (["parallel.cp=3"], ["parallel.cp=3", "train.seq_len"]),
         (["attention.dilation=[1,2]"], ["attention.dilation"]),
@@ -164,6 +169,20 @@ def test_impossible_combinations_name_both_keys(overrides, keys):
     message = _error(overrides, DEMO)
     for key in keys:
         assert key in message, message
+
+
+def test_a_bidirectional_mlm_encoder_with_global_tokens_loads():
+    cfg = load_config(
+        DEMO,
+        [
+            "attention.causal=false",
+            "data.objective=mlm",
+            "attention.global_tokens=[0,100]",
+            "data.global_doc_starts=true",
+        ],
+    )
+    assert not cfg.attention.causal and cfg.attention.global_tokens == (0, 100)
+    assert cfg.data.objective == "mlm" and cfg.data.global_doc_starts
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.loader import DataArgs, build_train_stream, build_val_batches, read_manifest
-from data.masking import IGNORE_INDEX, mlm_batch
+from data.masking import IGNORE_INDEX, global_marks, mlm_batch
 from data.packing import Packer, make_batch
 from data.shards import read_shard
 from data.tokenizer import Tokenizer
@@ -146,6 +146,32 @@ def test_mlm_stream_uses_the_mask_piece_and_resumes(tiny_mlm_data, tiny_prepared
     assert (val[0]["labels"] != IGNORE_INDEX).any() and (val[0]["tokens"] == mask_id).any()
     with pytest.raises(ValueError, match="data.mask_token='<mask>'.*--user-symbols"):
         build_train_stream(replace(args, path=str(tiny_prepared_data)), 128, 4)
+
+
+def test_global_marks_are_document_starts_and_a_piece_never_masked():
+    windows = np.array([[5, 6, EOS, 7, 9, 8, EOS, 9, 10, PAD, PAD]])
+    valid = np.array([[True] * 9 + [False] * 2])
+    batch = make_batch(windows, EOS, PAD, valid)
+    marked = global_marks(batch, valid[:, :-1], doc_starts=True, piece_id=9)
+    # segments start at 0 and at each EOS separator (2, 6); token 9 sits at 4 and 7
+    assert marked["global_mask"][0].nonzero().flatten().tolist() == [0, 2, 4, 6, 7]
+    assert global_marks(batch, valid[:, :-1], doc_starts=False, piece_id=-1) is batch
+    rng = np.random.default_rng(0)
+    mlm = mlm_batch(marked, valid[:, :-1], mask_id=30, vocab_size=32, probability=0.99, rng=rng)
+    chosen = mlm["loss_mask"][0].bool()
+    assert chosen.any() and not (chosen & marked["global_mask"][0]).any()
+
+
+def test_global_marks_in_the_stream_and_a_missing_piece(tiny_mlm_data):
+    args = DataArgs(path=str(tiny_mlm_data), objective="mlm", global_doc_starts=True)
+    batch = next(iter(build_train_stream(args, 128, 4, seed=1)))
+    marks = batch["global_mask"]
+    assert marks.dtype == torch.bool and marks.shape == batch["tokens"].shape
+    assert torch.equal(marks, (batch["position_ids"] == 0) & (batch["loss_mask"] >= 0))
+    val = build_val_batches(args, 128, 4, max_batches=1)
+    assert torch.equal(val[0]["global_mask"], val[0]["position_ids"] == 0)
+    with pytest.raises(ValueError, match="data.global_piece='<cls>'.*--user-symbols"):
+        build_train_stream(replace(args, global_piece="<cls>"), 128, 4)
 
 
 def test_packing_args_are_validated():

@@ -153,6 +153,28 @@ def test_resume_continues_exactly(data_dir, tmp_path, wandb_env):
         assert (Path(wandb_dir).parent / f"run-{run_id}.wandb").is_file()
 
 
+def test_bidirectional_mlm_encoder_trains_and_resumes_exactly(tiny_mlm_data, tmp_path, wandb_env):
+    """attention.causal=false with data.objective=mlm, ITC global blocks, an explicit global
+    position and per-sample global marks (every packed document's first token)."""
+    common = [
+        "attention.causal=false",
+        "data.objective=mlm",
+        "attention.global_tokens=[100]",
+        "data.global_doc_starts=true",
+        "checkpoint.every=3",
+        "schedule.decay_steps=8",
+        "train.eval_batches=1",
+        "optim.lr=1e-2",
+    ]
+    whole = train(_cfg(tiny_mlm_data, tmp_path / "whole", *common, "train.steps=8"))
+    assert all(math.isfinite(loss) for loss in whole.losses)
+    assert sum(whole.losses[-3:]) / 3 < whole.losses[0] - 0.5, whole.losses
+    run_dir = tmp_path / "split"
+    train(_cfg(tiny_mlm_data, run_dir, *common, "train.steps=6"))
+    resumed = train(_cfg(tiny_mlm_data, run_dir, *common, "train.steps=8"), resume=True)
+    assert resumed.start_step == 6 and resumed.losses == whole.losses
+
+
 def test_bare_resume_before_overrides(data_dir, tmp_path, wandb_env, capsys):
     """`--resume train.steps=N` (as the README writes it) is a bare --resume plus an override."""
     args = [*TINY, f"data.path={data_dir}", f"train.run_dir={tmp_path / 'run'}"]
