@@ -77,15 +77,25 @@ def reference_attention(
     step: int = 0,
     padding_mask: torch.Tensor | None = None,
     global_mask: torch.Tensor | None = None,
+    global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The oracle: dense attention over `cfg.dense_mask` (and the padding), O(seq^2)."""
+    """The oracle: dense attention over `cfg.dense_mask` (and the padding), O(seq^2). With
+    `global_qkv` the rows of the global queries are dense attention of its q over its k and v
+    (their mask rows are every key: a global query sees them all)."""
+    seq_len = q.shape[2]
     mask = cfg.dense_mask(
-        q.shape[2], layer=layer, step=step, global_mask=global_mask, n_heads=q.shape[1]
+        seq_len, layer=layer, step=step, global_mask=global_mask, n_heads=q.shape[1]
     )
     if padding_mask is not None:
         mask = mask if mask.dim() == 4 else mask.unsqueeze(0)
         mask = mask & ~padding_mask.bool()[:, None, None, :]
-    return dense_attention(q, k, v, mask)
+    out = dense_attention(q, k, v, mask)
+    if global_qkv is None:
+        return out
+    batch = q.shape[0] if global_mask is None else global_mask.shape[0]
+    is_global = gather_global_positions(cfg, seq_len, global_mask, batch).is_global
+    rows = dense_attention(*global_qkv, mask)
+    return torch.where(is_global.to(out.device)[:, None, :, None], rows, out)
 
 
 def _check_inputs(q, k, v, padding_mask, global_mask) -> None:
@@ -111,6 +121,7 @@ def sparse_attention(
     padding_mask: torch.Tensor | None = None,
     global_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Exact block-sparse attention on one device; memory and time linear in seq. Any length:
     a partial last block is padded inside and its pad keys masked.
@@ -118,30 +129,42 @@ def sparse_attention(
     q, k, v: [batch, heads, seq, head_dim]. padding_mask: [batch, seq] bool, True = padded
     key (never attended). global_mask: [batch, seq] bool, True = global token of that sample.
     backend: "auto" (FlexAttention on CUDA, the blocked kernel elsewhere), "flex" or "blocked".
+    global_qkv: Longformer's separate global projections (q, k, v of the same shape): the
+    global queries' rows are then softmax(q_g k_g^T) v_g over every key; None: q, k, v.
     """
     if backend not in ("auto", "flex", "blocked"):
         raise ValueError(f"backend={backend!r} must be 'auto', 'flex' or 'blocked'")
     _check_inputs(q, k, v, padding_mask, global_mask)
+    if global_qkv is not None and any(t.shape != q.shape for t in global_qkv):
+        raise ValueError("global_qkv must be three tensors of the shape of q, k and v")
     batch, n_heads, seq_len, _ = q.shape
     cfg.validate_seq_len(seq_len)
     padded_len = cfg.n_blocks(seq_len) * cfg.block_size
     if padded_len != seq_len:
         # The last block is partial: pad it with keys nobody may attend, drop the pad queries.
-        q, k, v = (F.pad(t, (0, 0, 0, padded_len - seq_len)) for t in (q, k, v))
+        pad = padded_len - seq_len
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        if global_qkv is not None:
+            qg, kg, vg = (F.pad(t, (0, 0, 0, pad)) for t in global_qkv)
+            global_qkv = (qg, kg, vg)
         padding_mask, global_mask = pad_masks(padding_mask, global_mask, seq_len, padded_len, batch)
-        out = sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask, backend)
+        out = sparse_attention(
+            q, k, v, cfg, layer, step, padding_mask, global_mask, backend, global_qkv
+        )
         return out[:, :, :seq_len]
+    glob = gather_global_positions(cfg, seq_len, global_mask, batch)
+    positions = torch.arange(seq_len)
+    key_valid = None if padding_mask is None else ~padding_mask.bool().cpu()
     if backend == "flex" or (backend == "auto" and q.is_cuda):
         from model.sparse_flex import flex_sparse_attention
 
-        return flex_sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask)
+        out = flex_sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask)
+        if global_qkv is None or glob.positions.shape[-1] == 0:
+            return out
+        return _global_rows(out, *global_qkv, glob, positions, key_valid, cfg.causal)
     table = build_block_table(cfg, seq_len, n_heads, layer, step)
-    glob = gather_global_positions(cfg, seq_len, global_mask, batch)
-    positions = torch.arange(seq_len)
     key_blocked = glob.is_global
-    key_valid = None
-    if padding_mask is not None:
-        key_valid = ~padding_mask.bool().cpu()
+    if key_valid is not None:
         key_blocked = key_blocked | ~key_valid
     g_valid = glob.valid
     if key_valid is not None:
@@ -163,9 +186,16 @@ def sparse_attention(
     out, _ = block_sparse_attention(q, k, v, gk, gv, plan)
     if glob.positions.shape[-1] == 0:
         return out
-    q_glob = _gather_rows(q, glob.positions)
+    qg, kg, vg = (q, k, v) if global_qkv is None else global_qkv
+    return _global_rows(out, qg, kg, vg, glob, positions, key_valid, cfg.causal)
+
+
+def _global_rows(out, qg, kg, vg, glob, positions, key_valid, causal: bool) -> torch.Tensor:
+    """`out` with the rows of the global queries replaced by their attention over every key:
+    queries of qg at the global positions, keys kg, values vg."""
+    q_glob = _gather_rows(qg, glob.positions)
     g_out, _ = global_query_attention(
-        q_glob, k, v, glob.positions, positions, key_valid, cfg.causal, need_lse=False
+        q_glob, kg, vg, glob.positions, positions, key_valid, causal, need_lse=False
     )
     return _scatter_rows(out, g_out, glob.positions, glob.valid)
 

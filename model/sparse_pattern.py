@@ -71,6 +71,11 @@ class SparsityConfig:
     multiple of the cp degree so every rank sends the same amount."""
     seed: int = 0
     """Seed of the random-block draw, combined with step and layer (and head)."""
+    global_projections: bool = False
+    """Longformer's separate global projections: the global queries' attention uses its own
+    query, key and value projections (HF LongformerSelfAttention's query_global, key_global,
+    value_global) over every key; the other queries still see the global tokens through the
+    ordinary keys and values. A model parameter set, not part of the token rule."""
     _dilations: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,10 @@ class SparsityConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"attention.{name}={value!r} must be a non-negative integer")
+        if not isinstance(self.global_projections, bool):
+            raise ValueError(
+                f"attention.global_projections={self.global_projections!r} must be true or false"
+            )
         if not self.causal and self.window_blocks % 2 == 0:
             raise ValueError(
                 f"attention.window_blocks={self.window_blocks} must be odd for bidirectional "

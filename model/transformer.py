@@ -135,6 +135,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.qkv = linears.column(args.d_model, 3 * args.d_model)
         self.out = linears.row(args.d_model, args.d_model)
+        # Longformer's query_global / key_global / value_global (attention.global_projections)
+        self.qkv_global = (
+            linears.column(args.d_model, 3 * args.d_model) if attn_cfg.global_projections else None
+        )
 
     def forward(
         self,
@@ -144,7 +148,35 @@ class Attention(nn.Module):
         padding_mask_bn: torch.Tensor | None,
         global_mask_bn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        qkv = self.qkv(x_bnc)
+        qkv = self._project(self.qkv, x_bnc, position_ids_bn)  # q, k, v [b, h, n, d]
+        if self.qkv_global is not None:
+            qkv += self._project(self.qkv_global, x_bnc, position_ids_bn)
+        b, _, n, _ = qkv[0].shape
+        device_type = x_bnc.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        low_precision = qkv[0].dtype in (torch.bfloat16, torch.float16)
+        if not (low_precision or autocast):
+            o_bhnd = self._attend(qkv, step, padding_mask_bn, global_mask_bn)
+        elif fused_attention(device_type):
+            # FlexAttention takes bf16 q, k, v as they are and keeps its softmax statistics in
+            # fp32 (as FlashAttention does): no fp32 copies of q, k, v.
+            dtype = torch.get_autocast_dtype(device_type) if autocast else qkv[0].dtype
+            with torch.autocast(device_type, enabled=False):
+                qkv = tuple(t.to(dtype) for t in qkv)
+                o_bhnd = self._attend(qkv, step, padding_mask_bn, global_mask_bn)
+        else:
+            # The blocked CPU kernel: its math (scores, softmax, log-sum-exp) stays in fp32. It
+            # keeps its log-sum-exp in the input dtype and, under autocast, mixes bf16 matmul
+            # outputs with fp32 buffers; fp32 inputs avoid both.
+            with torch.autocast(device_type, enabled=False):
+                fp32 = tuple(t.float() for t in qkv)
+                o_bhnd = self._attend(fp32, step, padding_mask_bn, global_mask_bn)
+            o_bhnd = o_bhnd.to(qkv[0].dtype)
+        return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
+
+    def _project(self, linear: nn.Module, x_bnc: torch.Tensor, position_ids_bn: torch.Tensor):
+        """(q, k, v) [b, h, n, d] of one fused projection, q and k rotated."""
+        qkv = linear(x_bnc)
         # n from the projection: under Megatron's sequence parallelism x is this tensor-parallel
         # rank's 1/tp of the sequence and the column projection all-gathers it.
         b, n, _ = qkv.shape
@@ -152,49 +184,19 @@ class Attention(nn.Module):
         q_bhnd, k_bhnd, v_bhnd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
         k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)
-        device_type = x_bnc.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        low_precision = q_bhnd.dtype in (torch.bfloat16, torch.float16)
-        if not (low_precision or autocast):
-            o_bhnd = self._attend(q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn, global_mask_bn)
-        elif fused_attention(device_type):
-            # FlexAttention takes bf16 q, k, v as they are and keeps its softmax statistics in
-            # fp32 (as FlashAttention does): no fp32 copies of q, k, v.
-            dtype = torch.get_autocast_dtype(device_type) if autocast else q_bhnd.dtype
-            with torch.autocast(device_type, enabled=False):
-                o_bhnd = self._attend(
-                    q_bhnd.to(dtype),
-                    k_bhnd.to(dtype),
-                    v_bhnd.to(dtype),
-                    step,
-                    padding_mask_bn,
-                    global_mask_bn,
-                )
-        else:
-            # The blocked CPU kernel: its math (scores, softmax, log-sum-exp) stays in fp32. It
-            # keeps its log-sum-exp in the input dtype and, under autocast, mixes bf16 matmul
-            # outputs with fp32 buffers; fp32 inputs avoid both.
-            with torch.autocast(device_type, enabled=False):
-                o_bhnd = self._attend(
-                    q_bhnd.float(),
-                    k_bhnd.float(),
-                    v_bhnd.float(),
-                    step,
-                    padding_mask_bn,
-                    global_mask_bn,
-                ).to(q_bhnd.dtype)
-        return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
+        return (q_bhnd, k_bhnd, v_bhnd)
 
-    def _attend(self, q_bhnd, k_bhnd, v_bhnd, step, padding_mask_bn, global_mask_bn):
+    def _attend(self, qkv, step, padding_mask_bn, global_mask_bn) -> torch.Tensor:
+        """The attention of q, k, v (and, with global projections, of the global q, k, v)."""
+        extra = {} if len(qkv) == 3 else {"global_qkv": tuple(qkv[3:])}
         return self.attention_fn(
-            q_bhnd,
-            k_bhnd,
-            v_bhnd,
+            *qkv[:3],
             self.attn_cfg,
             layer=self.layer,
             step=step,
             padding_mask=padding_mask_bn,
             global_mask=global_mask_bn,
+            **extra,
         )
 
 

@@ -60,6 +60,7 @@ def cp_sparse_attention(
     overlap: bool = True,
     seq_len: int | None = None,
     backend: str = "auto",
+    global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """This rank's slice [B, H, n, D] of exact sparse attention over the whole sequence.
 
@@ -74,6 +75,9 @@ def cp_sparse_attention(
     backend: "auto" (FlexAttention on CUDA, the blocked kernel elsewhere), "flex" (one fused
     call per rank over the whole key buffer, after the halo has arrived) or "blocked".
 
+    global_qkv: this rank's slices of Longformer's separate global projections (as q, k, v):
+    the global queries then attend every key through them (`sparse_attention`'s global_qkv).
+
     group: the cp process group (None = WORLD; without torch.distributed initialised, one
     rank). Raises ValueError on every rank (not a hang) for impossible or mismatched arguments.
     """
@@ -86,6 +90,9 @@ def cp_sparse_attention(
     problem = local_problem(
         q_local, k_local, v_local, cfg, comm.world, padding_mask, global_mask, pattern_len
     )
+    if problem is None and global_qkv is not None:
+        if any(t.shape != q_local.shape for t in global_qkv):
+            problem = "global_qkv must be three tensors of the shape of q, k and v"
     check_call(
         comm, problem, describe(q_local, cfg, comm.world, padding_mask, global_mask, pattern_len)
     )
@@ -102,8 +109,9 @@ def cp_sparse_attention(
     n_glob = glob.positions.shape[-1]
     token = None
 
+    qg_local, kg_local, vg_local = (q_local, k_local, v_local) if global_qkv is None else global_qkv
     if n_glob:
-        rows = _owned_rows(torch.stack([q_local, k_local, v_local]), glob, lo, n_local)
+        rows = _owned_rows(torch.stack([qg_local, k_local, v_local]), glob, lo, n_local)
         rows, token = all_reduce_sum(comm, "global", token, rows)
         q_glob, gk, gv = rows.unbind(0)
     else:
@@ -123,7 +131,7 @@ def cp_sparse_attention(
         if not n_glob:
             return None
         k_valid_local = None if key_valid is None else key_valid[:, lo : lo + n_local]
-        return _global_partial(q_glob, k_local, v_local, glob, lo, k_valid_local, cfg.causal)
+        return _global_partial(q_glob, kg_local, vg_local, glob, lo, k_valid_local, cfg.causal)
 
     if backend == "flex" or (backend == "auto" and q_local.is_cuda):
         partial = global_partial()  # during the halo transfer

@@ -42,6 +42,7 @@ __all__ = ["TP_PLAN", "ParallelStage", "parallelize"]
 
 TP_PLAN = {
     "attn.qkv": "column",
+    "attn.qkv_global": "column",
     "attn.out": "row",
     "mlp.up": "column",
     "mlp.down": "row",

@@ -218,7 +218,7 @@ def parallel_lm_loss(
 
 def _split_view(name: str, shape: torch.Size, args: ModelArgs) -> tuple[tuple[int, ...], int]:
     """How `name` is split over tp: (a view of the full weight, the dimension to chunk)."""
-    if name.endswith("attn.qkv.weight"):
+    if name.endswith(("attn.qkv.weight", "attn.qkv_global.weight")):
         return (3, args.n_heads, args.head_dim, args.d_model), 1
     if name.endswith("mlp.up.weight") and args.mlp == "swiglu":
         return (2, args.hidden, args.d_model), 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.sparse import SparsityConfig, dense_attention
+from model.sparse import SparsityConfig, dense_attention, reference_attention
 from parallel.context_parallel import cp_sparse_attention, pad_for_cp
 from parallel.traffic import TrafficCounter
 
@@ -242,3 +242,35 @@ def errors(rank: int, world: int) -> dict[str, str]:
     dist.barrier()
     messages["after"] = f"ok {tuple(out.shape)}"
     return messages
+
+
+def global_projections(rank: int, world: int) -> list[dict]:
+    """Longformer's separate global projections (`global_qkv`): this rank's slice of the
+    output and of the gradients of q, k, v and of the global q, k, v, against the dense
+    oracle with the same projections, in fp64, bidirectional and causal."""
+    results = []
+    for causal in (False, True):
+        cfg = SparsityConfig(
+            block_size=BLOCK, window_blocks=3, global_blocks=1, random_blocks=1, causal=causal,
+            global_tokens=(37,), seed=5,
+        )  # fmt: skip
+        case = dict(padding=True, sample_global=True)
+        q, k, v, d_out, pad, marks = make_inputs(case, SEQ, 2, 2, 8, torch.float64, seed=4)
+        gen = torch.Generator().manual_seed(9)
+        qg, kg, vg = (torch.randn(q.shape, generator=gen, dtype=torch.float64) for _ in range(3))
+        full = [t.clone().requires_grad_() for t in (q, k, v, qg, kg, vg)]
+        ref = reference_attention(*full[:3], cfg, 1, 2, pad, marks, global_qkv=tuple(full[3:]))
+        (ref * d_out).sum().backward()
+        n = SEQ // world
+        sl = slice(rank * n, (rank + 1) * n)
+        local = [t[:, :, sl].clone().requires_grad_() for t in (q, k, v, qg, kg, vg)]
+        out = cp_sparse_attention(
+            *local[:3], cfg, None, 1, 2, pad, marks, global_qkv=tuple(local[3:])
+        )
+        (out * d_out[:, :, sl]).sum().backward()
+        errors = {"out": float((out - ref[:, :, sl]).detach().abs().max())}
+        for name, mine, whole in zip(("q", "k", "v", "qg", "kg", "vg"), local, full, strict=True):
+            assert mine.grad is not None and whole.grad is not None
+            errors["d" + name] = float((mine.grad - whole.grad[:, :, sl]).abs().max())
+        results.append(dict(causal=causal, errors=errors))
+    return results

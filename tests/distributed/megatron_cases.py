@@ -95,6 +95,8 @@ MLM = Case(
 )  # fmt: skip
 """A bidirectional BigBird encoder trained with masked-LM targets, with ITC global blocks, an
 explicit global position and per-sample global marks."""
+MLM_GLOBAL_PROJECTIONS = Case(mlm=True, attention=dict(MLM.attention, global_projections=True))
+"""The same with Longformer's separate global query / key / value projections."""
 
 
 def reference(case: Case) -> dict:

@@ -58,6 +58,17 @@ def test_pooled_random_blocks_on_eight_ranks(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_separate_global_projections_match_dense_reference(world, tmp_path):
+    per_rank = run_ranks(cp_cases.global_projections, world, tmp_path, timeout=100)
+    for rank, results in enumerate(per_rank):
+        assert len(results) == 2
+        for item in results:
+            bad = {k: e for k, e in item["errors"].items() if not e <= 1e-10}
+            assert not bad, f"rank {rank} causal={item['causal']}: {bad}"
+
+
+@pytest.mark.timeout(120)
 def test_without_overlap_same_result(tmp_path):
     """overlap=False (halo awaited before any compute) is exact too."""
     cases = [

@@ -108,6 +108,7 @@ def test_bidirectional_mlm_with_global_marks_matches_single_process(tmp_path):
         mc.Run(dict(cp=2), mc.MLM),
         mc.Run(dict(), mc.MLM, resume_after=1),  # dp = 2, resumed mid-way
         mc.Run(dict(pp=2), mc.MLM),
+        mc.Run(dict(tp=2), mc.MLM_GLOBAL_PROJECTIONS),  # qkv_global split like qkv
     ]
     per_rank = run_ranks(mc.parity_rank, 2, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []
@@ -121,7 +122,8 @@ def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
         mc.Run(dict(pp=2), UNTIED, resume_after=2),
         mc.Run(dict(tp=2, cp=2, **SP)),
         mc.Run(dict(tp=2, pp=2, **SP), SP_CASE),  # the pipeline sends [n/tp, b, c]
-        mc.Run(dict(tp=2, cp=2), mc.MLM),  # bidirectional, the global marks across cp ranks
+        # bidirectional, the global marks across cp ranks, Longformer's global projections
+        mc.Run(dict(tp=2, cp=2), mc.MLM_GLOBAL_PROJECTIONS),
     ]
     per_rank = run_ranks(mc.parity_rank, 4, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []
