@@ -155,8 +155,8 @@ def patterns(block_size: int, pool_blocks: int = 4) -> dict[str, SparsityConfig]
 
 def window_reach_blocks(cfg: SparsityConfig, n_layers: int) -> int:
     """Blocks before its own that a query block's receptive field spans through the window
-    alone after `n_layers` layers (causal: left_blocks per layer)."""
-    return n_layers * cfg.left_blocks * cfg.max_dilation
+    alone after `n_layers` layers (causal: its left reach per layer)."""
+    return n_layers * cfg.reach_blocks[0]
 
 
 def reachable_from(cfg: SparsityConfig, seq_len: int, n_layers: int, step: int, query: int):

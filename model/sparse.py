@@ -10,8 +10,11 @@ The rule, for query token i and key token j (blocks I = i // b, J = j // b):
     allowed(i, j) = (window(i, j) or random(I, J) or global(i) or global(j))
                     and (j <= i if causal) and not padded(j)
 
-- window: J - I in [-left * d, right * d] and (j - i) % d == 0, with d the head's dilation;
-  bidirectional left = right = (window_blocks - 1) / 2, causal left = window_blocks - 1, right = 0.
+- window: (j - i) % d == 0, with d the head's dilation, and
+  - token window (window_tokens = w > 0): bidirectional |i - j| <= (w / 2) * d (w even),
+    causal 0 <= i - j < w * d;
+  - block window (window_tokens = 0): J - I in [-left * d, right * d]; bidirectional
+    left = right = (window_blocks - 1) / 2, causal left = window_blocks - 1, right = 0.
 - global: the ITC blocks (bidirectional: the first ceil(g/2) and last floor(g/2) blocks;
   causal: the first g blocks, a visible prefix), explicit `global_tokens`, the `etc_tokens`
   extra leading tokens, and a per-sample `global_mask`. A global query sees every key (still

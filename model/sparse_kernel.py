@@ -33,8 +33,9 @@ _CHUNK_SCORES = 1 << 20
 class KernelPlan:
     table: BlockTable
     static_blocked: torch.Tensor
-    """bool [Hx, nq, b, M*b], True = masked out: invalid entries, dilation, causality and
-    keys blocked for every sample (shared global keys, attended through the global set)."""
+    """bool [Hx, nq, b, M*b], True = masked out: invalid entries, dilation, the token window's
+    band, causality and keys blocked for every sample (shared global keys, attended through
+    the global set)."""
     sample_blocked: torch.Tensor | None
     """bool [B, nk*b] keys blocked per sample (padding, per-sample globals), or None."""
     global_blocked: torch.Tensor
@@ -64,6 +65,7 @@ class KernelPlan:
             move(self.table.valid),
             move(self.table.dilation),
             self.table.window_entries,
+            move(self.table.band),
         )
         return KernelPlan(
             table,
@@ -94,11 +96,15 @@ def make_plan(
     hx, _, m = table.index.shape
     mask = table.valid[:, :, None, :, None].expand(hx, nq, block, m, block).clone()
     needs_dilation = bool((table.dilation > 1).any())
-    if causal or needs_dilation:
+    if causal or needs_dilation or table.band is not None:
         kpos_tbl = k_pos.to(torch.int32).view(nk, block)[table.index]  # [Hx, nq, M, b]
         diff = kpos_tbl.unsqueeze(2) - q_pos.to(torch.int32).view(1, nq, block, 1, 1)
         if needs_dilation:
             mask &= diff.remainder(table.dilation[:, :, None, :, None].to(torch.int32)) == 0
+        if table.band is not None:  # the token window: its entries trimmed to the band
+            w = table.window_entries
+            lo, hi = (table.band[:, i].view(-1, 1, 1, 1, 1).to(torch.int32) for i in (0, 1))
+            mask[:, :, :, :w] &= (diff[:, :, :, :w] >= lo) & (diff[:, :, :, :w] <= hi)
         if causal:
             mask &= diff <= 0
     shared_blocked = key_blocked.all(dim=0)
@@ -346,26 +352,30 @@ def global_query_attention(q_glob, k, v, g_pos, k_pos, key_valid, causal: bool, 
 
 
 def count_allowed_pairs(cfg: SparsityConfig, seq_len: int, n_heads: int, layer: int, step: int):
-    """Exact number of attended (query, key) pairs over all heads, in O(seq) memory."""
+    """Exact number of attended (query, key) pairs over all heads, in O(seq) memory; any
+    length (a partial last block is padded with keys nobody attends, as sparse_attention does)."""
     cfg.validate_seq_len(seq_len)
-    table = build_block_table(cfg, seq_len, n_heads, layer, step)
-    glob = gather_global_positions(cfg, seq_len, None, 1)
-    pos = torch.arange(seq_len)
+    b = cfg.block_size
+    padded_len = cfg.n_blocks(seq_len) * b
+    table = build_block_table(cfg, padded_len, n_heads, layer, step)
+    glob = gather_global_positions(cfg, padded_len, None, 1, pattern_len=seq_len)
+    pos = torch.arange(padded_len)
+    pad = pos >= seq_len
     plan = make_plan(
         table,
         pos,
         pos,
-        glob.is_global,
+        glob.is_global | pad.view(1, -1),
         glob.positions,
-        glob.valid,
+        glob.valid & ~pad[glob.positions],
         cfg.causal,
-        cfg.block_size,
+        b,
         1,
     )
     per_row = (~plan.static_blocked).flatten(1, 2).sum(-1)
     per_row = per_row + (~plan.global_blocked).flatten(1, 2).sum(-1)
     per_row = per_row.expand(n_heads, -1) if per_row.shape[0] == 1 else per_row
     is_global = glob.is_global[0]
-    full = (pos + 1) if cfg.causal else torch.full_like(pos, seq_len)
+    full = (pos + 1).clamp(max=seq_len) if cfg.causal else torch.full_like(pos, seq_len)
     per_row = torch.where(is_global.view(1, -1), full.view(1, -1), per_row)
-    return int(per_row.sum())
+    return int(per_row[:, :seq_len].sum())

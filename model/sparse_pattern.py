@@ -45,7 +45,8 @@ class SparsityConfig:
     """Tokens per block; the sequence length (per context-parallel rank too) is a multiple."""
     window_blocks: int = 3
     """Key blocks in the sliding window of a query block: odd for bidirectional (centre and
-    (w-1)/2 each side); for causal, the diagonal block and w-1 blocks before it."""
+    (w-1)/2 each side); for causal, the diagonal block and w-1 blocks before it. Not used when
+    window_tokens > 0."""
     global_blocks: int = 2
     """ITC global blocks: bidirectional, the first ceil(g/2) and the last floor(g/2) blocks;
     causal, the first g blocks (a visible, still causal, prefix or "sink")."""
@@ -76,6 +77,12 @@ class SparsityConfig:
     query, key and value projections (HF LongformerSelfAttention's query_global, key_global,
     value_global) over every key; the other queries still see the global tokens through the
     ordinary keys and values. A model parameter set, not part of the token rule."""
+    window_tokens: int = 0
+    """Token-granular sliding window of w tokens, any block size (0: the block window of
+    window_blocks). Bidirectional (Longformer's attention_window, w even): key j is visible to
+    query i iff |i - j| <= w/2; causal (Mistral's sliding_window): iff 0 <= i - j < w. With
+    dilation d the offset i - j must also be a multiple of d, and the reach is (w/2)*d
+    (causal (w-1)*d). The block table covers the band; the kernels trim it token by token."""
     _dilations: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +90,14 @@ class SparsityConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"attention.{name}={value!r} must be a positive integer")
-        for name in ("global_blocks", "random_blocks", "random_pool_blocks", "etc_tokens", "seed"):
+        for name in (
+            "window_tokens",
+            "global_blocks",
+            "random_blocks",
+            "random_pool_blocks",
+            "etc_tokens",
+            "seed",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"attention.{name}={value!r} must be a non-negative integer")
@@ -95,6 +109,12 @@ class SparsityConfig:
             raise ValueError(
                 f"attention.window_blocks={self.window_blocks} must be odd for bidirectional "
                 "attention (the centre block and the same number of blocks on each side)"
+            )
+        if not self.causal and self.window_tokens % 2:
+            raise ValueError(
+                f"attention.window_tokens={self.window_tokens} must be even for bidirectional "
+                "attention: a query sees window_tokens/2 keys on each side and itself "
+                "(Longformer's attention_window)"
             )
         dilations = _as_int_tuple(self.dilation, "dilation")
         assert dilations is not None
@@ -121,10 +141,12 @@ class SparsityConfig:
 
     @property
     def left_blocks(self) -> int:
+        """Blocks before its own of the *block* window (window_blocks), undilated."""
         return self.window_blocks - 1 if self.causal else (self.window_blocks - 1) // 2
 
     @property
     def right_blocks(self) -> int:
+        """Blocks after its own of the *block* window (window_blocks), undilated."""
         return 0 if self.causal else (self.window_blocks - 1) // 2
 
     def head_dilations(self, n_heads: int) -> tuple[int, ...]:
@@ -142,16 +164,36 @@ class SparsityConfig:
     def max_dilation(self) -> int:
         return max(self._dilations)
 
+    def window_band(self, dilation: int) -> tuple[int, int] | None:
+        """The token window's key offsets j - i, [lo, hi] inclusive (only multiples of
+        `dilation` inside it are seen), for heads of that dilation; None for a block window."""
+        w, d = self.window_tokens, dilation
+        if not w:
+            return None
+        if self.causal:
+            return -(w - 1) * d, 0
+        return -(w // 2) * d, (w // 2) * d
+
+    def window_reach_blocks(self, dilation: int) -> tuple[int, int]:
+        """Blocks before and after its own that a query block's window touches, for heads of
+        `dilation`: the block window's left/right blocks x dilation; a token window reaching R
+        tokens, ceil(R / block_size). The one source of the block table's window entries, the
+        random draw's exclusion and (through reach_blocks) the context-parallel halo."""
+        band = self.window_band(dilation)
+        if band is None:
+            return self.left_blocks * dilation, self.right_blocks * dilation
+        b = self.block_size
+        return -(band[0] // b), -(-band[1] // b)
+
     @property
     def reach_blocks(self) -> tuple[int, int]:
         """Blocks a query block's window reaches before and after itself (its widest head):
         the block table's window offsets and the context-parallel halo are this reach."""
-        d = self.max_dilation
-        return self.left_blocks * d, self.right_blocks * d
+        return self.window_reach_blocks(self.max_dilation)
 
     @property
     def reach_tokens(self) -> tuple[int, int]:
-        """Tokens a query block reaches before and after itself through the window."""
+        """Tokens of the blocks a query block reaches before and after itself (reach_blocks)."""
         left, right = self.reach_blocks
         return left * self.block_size, right * self.block_size
 
@@ -234,12 +276,10 @@ class SparsityConfig:
             if r == 0:
                 tables.append(torch.empty(rows.numel(), 0, dtype=torch.long))
                 continue
-            lo = rows - self.left_blocks * dilation
-            hi = (
-                torch.full_like(rows, n_blocks)
-                if self.causal
-                else rows + self.right_blocks * dilation
-            )
+            # Outside every block the window touches: no block is in the table twice.
+            left, right = self.window_reach_blocks(dilation)
+            lo = rows - left
+            hi = torch.full_like(rows, n_blocks) if self.causal else rows + right
             pool = self.random_pool(n_blocks, layer, step, head)
             picks = draw_rows(self.draw_seed(step, layer, head), rows, pool, lo, hi, r)
             tables.append(picks.masked_fill(skip_rows, -1))
@@ -271,18 +311,24 @@ class SparsityConfig:
         b = self.block_size
         rand = self.random_table(seq_len, n_heads, layer, step).expand(n_heads, -1, -1)
         rand = rand.to(device)
-        dil = torch.tensor(self.head_dilations(n_heads), device=device)
+        dilations = self.head_dilations(n_heads)
+        dil = torch.tensor(dilations, device=device)
         glob = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
         glob[0, self.global_positions(seq_len).to(device)] = True
         if global_mask is not None:
             glob = glob | global_mask.bool().to(device)
-        left, right, causal = self.left_blocks, self.right_blocks, self.causal
+        causal, token_window = self.causal, self.window_tokens > 0
+        # The window's offsets per head: of tokens (j - i) for a token window, else of blocks.
+        bands = [
+            self.window_band(d) or (-self.left_blocks * d, self.right_blocks * d) for d in dilations
+        ]
+        lo = torch.tensor([band[0] for band in bands], device=device)
+        hi = torch.tensor([band[1] for band in bands], device=device)
 
         def allowed(b_idx, h, i, j):
             q_block, kv_block = i // b, j // b
-            d = dil[h]
-            offset = kv_block - q_block
-            rule = (offset >= -left * d) & (offset <= right * d) & ((j - i) % d == 0)
+            offset = j - i if token_window else kv_block - q_block
+            rule = (offset >= lo[h]) & (offset <= hi[h]) & ((j - i) % dil[h] == 0)
             for r in range(rand.shape[-1]):  # -1 marks no draw and matches no block
                 rule = rule | (rand[h, q_block, r] == kv_block)
             rule = rule | glob[b_idx, i] | glob[b_idx, j]

@@ -32,6 +32,10 @@ class BlockTable:
     (the window's dilation; 1 for random entries)."""
     window_entries: int = 0
     """The first `window_entries` of the M entries are the window's, the rest random draws."""
+    band: torch.Tensor | None = None
+    """long [Hx, 2] for a token window (attention.window_tokens), else None: a key of a
+    *window* entry is allowed iff band[h, 0] <= k_pos - q_pos <= band[h, 1] (the kernel plan
+    trims the entries' blocks to the band token by token; random entries are not trimmed)."""
 
 
 @dataclass
@@ -44,9 +48,11 @@ class GlobalSet:
     """bool [1 or batch, seq]: token flags."""
 
 
-def window_offsets(cfg: SparsityConfig) -> torch.Tensor:
+def window_offsets(cfg: SparsityConfig, n_blocks: int) -> torch.Tensor:
+    """Block offsets of the window entries: the widest head's reach, clipped to the sequence
+    (a window wider than the sequence lists each block once)."""
     left, right = cfg.reach_blocks
-    return torch.arange(-left, right + 1)
+    return torch.arange(-min(left, n_blocks - 1), min(right, n_blocks - 1) + 1)
 
 
 def build_block_table(
@@ -73,11 +79,11 @@ def build_block_table(
     dilations = torch.tensor(cfg.head_dilations(n_heads))
     per_head = bool((dilations != dilations[0]).any()) or cfg.random_per_head
     heads = n_heads if per_head else 1
-    head_dil = dilations[:heads].view(heads, 1, 1)
 
-    offsets = window_offsets(cfg).view(1, 1, -1)
+    reach = torch.tensor([cfg.window_reach_blocks(int(d)) for d in dilations[:heads]])
+    offsets = window_offsets(cfg, n_blocks).view(1, 1, -1)
     win_blocks = q_blocks.view(1, -1, 1) + offsets  # [1, nq, S]
-    in_reach = (offsets >= -cfg.left_blocks * head_dil) & (offsets <= cfg.right_blocks * head_dil)
+    in_reach = (offsets >= -reach[:, :1, None]) & (offsets <= reach[:, 1:, None])  # [Hx, 1, S]
     win_valid = in_reach & (win_blocks >= 0) & (win_blocks < n_blocks)  # [Hx, nq, S]
     win_blocks = win_blocks.expand(heads, -1, -1)
 
@@ -103,8 +109,15 @@ def build_block_table(
         ],
         dim=2,
     )
+    band = None
+    if cfg.window_tokens:
+        band = torch.tensor([cfg.window_band(int(d)) for d in dilations[:heads]])
     return BlockTable(
-        index=blocks.contiguous(), valid=valid.contiguous(), dilation=dil, window_entries=n_win
+        index=blocks.contiguous(),
+        valid=valid.contiguous(),
+        dilation=dil,
+        window_entries=n_win,
+        band=band,
     )
 
 

@@ -54,11 +54,16 @@ _RANK_TINTS = ("#f7fafc", "#e2e8f0")
 
 def _window_offsets_allowed(cfg: SparsityConfig, dilation: int) -> list[int]:
     """Block offsets J - I of the window holding at least one allowed token pair: a token
-    offset j - i in [o*b - (b-1), o*b + (b-1)] must be a multiple of the dilation."""
+    offset j - i in [o*b - (b-1), o*b + (b-1)] (and, for a token window, inside its band)
+    must be a multiple of the dilation."""
     b = cfg.block_size
+    left, right = cfg.window_reach_blocks(dilation)
+    band = cfg.window_band(dilation)
     offsets = []
-    for o in range(-cfg.left_blocks * dilation, cfg.right_blocks * dilation + 1):
+    for o in range(-left, right + 1):
         lo, hi = o * b - (b - 1), o * b + (b - 1)
+        if band is not None:
+            lo, hi = max(lo, band[0]), min(hi, band[1])
         if (hi // dilation) * dilation >= lo:
             offsets.append(o)
     return offsets

@@ -65,6 +65,18 @@ PATTERNS: dict[str, tuple[dict, bool, bool]] = {
         True,
         True,
     ),
+    # Token windows (attention.window_tokens), not multiples of the block: 70 tokens reach 35
+    # (causal 69) tokens, more than a rank's 32 at P=4 (multi-hop); 10 tokens with dilation.
+    "token-window-multihop": (
+        dict(window_tokens=70, global_blocks=0, random_blocks=0),
+        False,
+        False,
+    ),
+    "token-window-bigbird-dilated": (
+        dict(window_tokens=10, global_blocks=1, random_blocks=2, dilation=(1, 2, 3)),
+        True,
+        True,
+    ),
 }
 
 

@@ -52,6 +52,31 @@ def test_random_exchange_lists_are_consistent_and_deduplicated(causal):
             assert plan.random_sources[s] == got.numel()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window_tokens, dilation", [(6, 1), (12, 2), (40, 1), (90, 1), (9, 3)])
+def test_token_window_halo_and_interior_follow_the_band(causal, window_tokens, dilation):
+    """Ranks of 32 tokens; windows narrower and wider (multi-hop) than a rank's slice: the halo
+    is exactly the remote key blocks the rank's window pairs touch (in the dense oracle), and
+    the interior exactly the query blocks touching none."""
+    if not causal and window_tokens % 2:
+        return
+    cfg = SparsityConfig(block_size=8, window_tokens=window_tokens, dilation=dilation,
+                         causal=causal, global_blocks=0, random_blocks=0)  # fmt: skip
+    seq, world, nl = 128, 4, 4
+    touched = cfg.dense_mask(seq)[0].view(16, 8, 16, 8).any(3).any(1)  # [query, key] blocks
+    for rank in range(world):
+        plan = rank_plan(cfg, seq, world, rank, 1, 0, 0)
+        local = torch.zeros(16, dtype=torch.bool)
+        local[rank * nl : (rank + 1) * nl] = True
+        rows = touched[local]
+        halo = torch.zeros(16, dtype=torch.bool)
+        for lo, hi in (plan.halo_left, plan.halo_right):
+            halo[lo:hi] = True
+        assert torch.equal(halo, rows.any(0) & ~local), (rank, plan.halo_left, plan.halo_right)
+        interior = (~(rows & ~local).any(1)).nonzero().flatten() + rank * nl
+        assert torch.equal(plan.interior, interior), rank
+
+
 def test_interior_blocks_need_no_halo():
     cfg = SparsityConfig(block_size=8, window_blocks=3, global_blocks=0, random_blocks=1)
     plan = rank_plan(cfg, 512, 4, 1, 2, 0, 0)

@@ -36,6 +36,12 @@ PATTERNS = {
         SparsityConfig(8, 3, 1, 2, causal=True, random_pool_blocks=4, random_per_head=True),
         256, 4, 2,
     ),
+    "token_window": (SparsityConfig(8, 3, 1, 1, window_tokens=20), 128, 4, 2),
+    "token_window_dilated_b5": (SparsityConfig(5, 3, 0, 2, window_tokens=12, dilation=(1, 3)),
+                                120, 4, 2),
+    "token_window_causal_multi_hop": (
+        SparsityConfig(8, 3, 1, 1, causal=True, window_tokens=45, dilation=(1, 2)), 128, 4, 2,
+    ),
 }  # fmt: skip
 
 

@@ -26,6 +26,11 @@ PATTERNS = {
         window_blocks=3, global_blocks=1, random_blocks=2, random_per_head=True
     ),
     "bigbird-pool": dict(window_blocks=3, global_blocks=2, random_blocks=2, random_pool_blocks=4),
+    # token windows: 10 tokens is not a multiple of the block (8); per-head dilation
+    "token-window": dict(window_blocks=3, window_tokens=10, global_blocks=0, random_blocks=0),
+    "token-window-bigbird-dilated": dict(
+        window_blocks=3, window_tokens=6, global_blocks=1, random_blocks=2, dilation=(1, 2, 3)
+    ),
 }
 
 
@@ -153,6 +158,7 @@ def test_count_pairs_equals_dense_mask_sum():
     extra_tokens=st.integers(-3, 0),
     pool=st.integers(0, 5),
     half_window=st.integers(0, 2),
+    window_tokens=st.sampled_from([0, 0, 2, 6, 12, 40]),
     global_blocks=st.integers(0, 2),
     random_blocks=st.integers(0, 3),
     causal=st.booleans(),
@@ -170,6 +176,7 @@ def test_random_configurations_match_dense(
     extra_tokens,
     pool,
     half_window,
+    window_tokens,
     global_blocks,
     random_blocks,
     causal,
@@ -185,6 +192,7 @@ def test_random_configurations_match_dense(
     cfg = SparsityConfig(
         block_size=block,
         window_blocks=window,
+        window_tokens=window_tokens,
         global_blocks=global_blocks,
         random_blocks=random_blocks,
         causal=causal,
@@ -288,6 +296,8 @@ def test_peak_memory_grows_linearly():
         (dict(block_size=8, global_tokens=(70,)), 64),  # a global position past the end
         (dict(block_size=16, etc_tokens=40, random_blocks=2), 33),
         (dict(block_size=16, window_blocks=4, causal=True, random_blocks=3), 7),  # < one block
+        (dict(block_size=16, window_tokens=40, random_blocks=2), 37),  # token window > seq
+        (dict(block_size=16, window_tokens=9, causal=True, dilation=3), 70),
     ],
 )
 def test_any_length_matches_dense(kwargs, seq_len):

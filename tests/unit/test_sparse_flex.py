@@ -22,6 +22,8 @@ CASES = [
         random_per_head=True,
         global_tokens=(3, 50),
     ),
+    dict(window_tokens=20, global_blocks=1, random_blocks=1),  # 10 tokens each side, b=16
+    dict(window_tokens=7, global_blocks=0, random_blocks=2, causal=True, dilation=(1, 3)),
 ]
 
 
