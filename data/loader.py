@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from data.masking import global_marks, mlm_batch
-from data.packing import Packer, make_batch
+from data.packing import Packer, make_batch, reserve_etc_slots
 from data.prepare import read_manifest
 from data.reshard import MERGED_KIND, merge_rank_states, reader_states_from_merged
 from data.shards import expand_shard_urls, load_shard
@@ -121,9 +121,11 @@ class DataArgs:
             raise ValueError(f"data.bad_data={self.bad_data!r} must be one of {BAD_DATA_POLICIES}")
 
 
-def _check_shape(seq_len: int, micro_batch_size: int) -> None:
+def _check_shape(seq_len: int, micro_batch_size: int, etc_tokens: int = 0) -> None:
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if not 0 <= etc_tokens < seq_len:
+        raise ValueError(f"attention.etc_tokens={etc_tokens} must be in [0, seq_len={seq_len})")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
 
@@ -193,8 +195,9 @@ class TrainStream:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        etc_tokens: int = 0,
     ) -> None:
-        _check_shape(seq_len, micro_batch_size)
+        _check_shape(seq_len, micro_batch_size, etc_tokens)
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if seed < 0:
@@ -249,6 +252,7 @@ class TrainStream:
             vocab_size=self.vocab_size,
             global_doc_starts=args.global_doc_starts,
             global_piece_id=global_piece_id(args, self.root, self.manifest),
+            etc_tokens=etc_tokens,
         )
         self.reader_states = [initial_state(w) for w in range(self.num_streams)]
         self.next_reader = 0
@@ -375,21 +379,27 @@ def build_train_stream(
     dp_rank: int = 0,
     dp_size: int = 1,
     seed: int = 0,
+    etc_tokens: int = 0,
 ) -> TrainStream:
-    """The endless train batch stream of data-parallel rank ``dp_rank`` of ``dp_size``."""
-    return TrainStream(args, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+    """The endless train batch stream of data-parallel rank ``dp_rank`` of ``dp_size``;
+    ``etc_tokens`` leading slots of every sequence are kept for the model's ETC tokens."""
+    return TrainStream(args, seq_len, micro_batch_size, dp_rank, dp_size, seed, etc_tokens)
 
 
 def build_val_batches(
-    args: DataArgs, seq_len: int, micro_batch_size: int, max_batches: int | None
+    args: DataArgs,
+    seq_len: int,
+    micro_batch_size: int,
+    max_batches: int | None,
+    etc_tokens: int = 0,
 ) -> list[Batch]:
     """Up to ``max_batches`` validation batches (None: all), the same on every rank and call.
 
     Val documents are packed in file order (with the train stream's packing layout and
     objective; the MLM draw is seeded by the batch index); the final partial batch is padded
-    (loss_mask 0). Bad data follows ``args.bad_data``.
+    (loss_mask 0). Bad data follows ``args.bad_data``; ``etc_tokens`` as for the train stream.
     """
-    _check_shape(seq_len, micro_batch_size)
+    _check_shape(seq_len, micro_batch_size, etc_tokens)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches={max_batches} must be >= 1 or None")
     root = Path(args.path)
@@ -403,7 +413,7 @@ def build_val_batches(
     eos, pad = tok["eos_id"], tok["pad_id"]
     mask_id = mask_token_id(args, root, manifest)
     piece_id = global_piece_id(args, root, manifest)
-    packer = Packer(seq_len, eos, pad, args.doc_start_at_boundary)
+    packer = Packer(seq_len - etc_tokens, eos, pad, args.doc_start_at_boundary)
     batches: list[Batch] = []
 
     def add(windows: np.ndarray, valid: np.ndarray) -> None:
@@ -413,7 +423,7 @@ def build_val_batches(
             rng = np.random.default_rng([args.seed, len(batches), 1])
             p = args.mlm_probability
             batch = mlm_batch(batch, valid[:, :-1], mask_id, tok["vocab_size"], p, rng)
-        batches.append(batch)
+        batches.append(reserve_etc_slots(batch, etc_tokens))
 
     def full() -> bool:
         return max_batches is not None and len(batches) >= max_batches

@@ -184,3 +184,26 @@ def make_batch(
         "doc_ids": torch.from_numpy(doc_ids.astype(np.int64)),
         "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
     }
+
+
+def reserve_etc_slots(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """``batch`` [B, L] with ``n`` slots put in front ([B, n + L]) for the model's learned ETC
+    tokens (attention.etc_tokens): token ids -1 ... -n (the model writes its own vectors there,
+    model.transformer), positions 0 ... n-1, no label and no loss; never global-marked (the
+    pattern makes positions [0, n) global itself). ``n`` = 0 returns ``batch``."""
+    if n == 0:
+        return batch
+    b = batch["tokens"].shape[0]
+    slots = torch.arange(n).expand(b, n)
+    front = {
+        "tokens": -1 - slots,
+        "labels": torch.full((b, n), -100, dtype=torch.long),
+        "loss_mask": torch.zeros(b, n, dtype=batch["loss_mask"].dtype),
+        "doc_ids": torch.full((b, n), -1, dtype=torch.long),
+        "position_ids": slots,
+        "global_mask": torch.zeros(b, n, dtype=torch.bool),
+    }
+    return {
+        key: torch.cat([front[key].to(value.dtype), value], dim=1) if key in front else value
+        for key, value in batch.items()
+    }

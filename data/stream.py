@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from data.masking import global_marks, mlm_batch
-from data.packing import Packer, make_batch
+from data.packing import Packer, make_batch, reserve_etc_slots
 from data.shards import load_shard
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class StreamSpec:
     vocab_size: int
     global_doc_starts: bool = False
     global_piece_id: int = -1  # -1: no global piece
+    etc_tokens: int = 0  # leading slots for the model's ETC tokens (data.packing)
 
     def rank_shards(self, epoch: int) -> list[int]:
         """Indices (into ``urls``) of this rank's shards in ``epoch``, in reading order."""
@@ -231,7 +232,9 @@ class ReaderStream:
 
     def __iter__(self) -> Iterator[tuple[Batch, dict]]:
         spec, st = self.spec, self.state
-        packer = Packer(spec.seq_len, spec.eos_id, spec.pad_id, spec.doc_start_at_boundary)
+        packer = Packer(
+            spec.seq_len - spec.etc_tokens, spec.eos_id, spec.pad_id, spec.doc_start_at_boundary
+        )
         cursor: list = []
         docs = self._docs(cursor)
         b = spec.micro_batch_size
@@ -247,6 +250,7 @@ class ReaderStream:
                 rng = np.random.default_rng(seq + [st["generation"]] * (st["generation"] > 0))
                 p = spec.mlm_probability
                 batch = mlm_batch(batch, valid[:, :-1], spec.mask_id, spec.vocab_size, p, rng)
+            batch = reserve_etc_slots(batch, spec.etc_tokens)
             st["batches"] += 1
             position = packer.position()
             if position is None:  # nothing buffered: the next document to read is next

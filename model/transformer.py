@@ -250,6 +250,11 @@ class Transformer(nn.Module):
         lm_head = linears.column(args.d_model, args.vocab_size)
         # Optional for a pipeline stage (parallel.parallelize): none of them on every stage.
         self.embed: nn.Module | None = embed
+        # ETC (attention.etc_tokens): learned global tokens in the sequence's leading slots,
+        # which the data pipeline marks with the ids -1 ... -n (data.packing.reserve_etc_slots).
+        self.etc: nn.Parameter | None = None
+        if attn_cfg.etc_tokens:
+            self.etc = nn.Parameter(torch.empty(attn_cfg.etc_tokens, args.d_model))
         self.blocks: nn.ModuleList | nn.ModuleDict = nn.ModuleList(
             Block(args, attn_cfg, attention_fn, i, linears) for i in range(args.n_layers)
         )
@@ -289,7 +294,7 @@ class Transformer(nn.Module):
             position_ids_bn = position_ids_bn.expand_as(tokens_bn)
         # A later pipeline stage (parallel.parallelize) has no embedding: its input is the
         # previous stage's hidden states [b, n, c]; all but the last return theirs.
-        x = tokens_bn if self.embed is None else self.embed(tokens_bn)
+        x = tokens_bn if self.embed is None else self._embed(tokens_bn)
         x = run_blocks(
             self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute,
             global_mask_bn,
@@ -297,6 +302,18 @@ class Transformer(nn.Module):
         if self.lm_head is None or self.norm is None:
             return x
         return self.lm_head(self.norm(x)).float()
+
+    def _embed(self, tokens_bn: torch.Tensor) -> torch.Tensor:
+        assert self.embed is not None
+        if self.etc is None:
+            return self.embed(tokens_bn)
+        slot = tokens_bn < 0  # ETC slot e holds the id -1 - e
+        x = self.embed(tokens_bn.clamp(min=0))
+        # A one-hot product, not an index: its backward is a matmul, the same sum in every
+        # run (an index's accumulating scatter of the many zero gradients is not).
+        one_hot = F.one_hot((-1 - tokens_bn).clamp(min=0), self.etc.shape[0]) * slot[..., None]
+        etc = one_hot.to(self.etc.dtype) @ self.etc
+        return torch.where(slot.unsqueeze(-1), etc.to(x.dtype), x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

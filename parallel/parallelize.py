@@ -86,7 +86,7 @@ def parallelize(
     layers = layout.layers_of_stage(args.n_layers, groups.pp_rank)
     model.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
     if not first:
-        model.embed = None
+        model.embed, model.etc = None, None
     if not last:
         model.norm, model.lm_head = None, None
     # 2. tensor: new layers, their weights filled below

@@ -170,11 +170,15 @@ class Config:
                 "would see the token it must predict; set attention.causal=true, or "
                 "data.objective=mlm for a bidirectional (BigBird / Longformer) encoder"
             )
-        if attn.etc_tokens:
+        if attn.etc_tokens and self.parallel.sequence_parallel:
             raise ValueError(
-                "attention.etc_tokens is not supported by the trainer yet (the model does not "
-                "prepend learned ETC tokens); mark global tokens with attention.global_blocks, "
-                "attention.global_tokens, data.global_doc_starts or data.global_piece"
+                f"attention.etc_tokens={attn.etc_tokens} cannot be used with "
+                "parallel.sequence_parallel=true: the ETC vectors are written into the "
+                "embedding's output, which sequence parallelism scatters over tp ranks"
+            )
+        if attn.etc_tokens >= seq_len:
+            raise ValueError(
+                f"attention.etc_tokens={attn.etc_tokens} must be less than train.seq_len={seq_len}"
             )
         if attn.causal and self.data.objective == "mlm":
             raise ValueError(

@@ -310,7 +310,9 @@ def long_context_eval(
     seq_len, block = cfg.train.seq_len, cfg.attention.block_size
     # Every document starts a sequence, so position_ids count the document's own context.
     data_args = dataclasses.replace(cfg.data, doc_start_at_boundary=True)
-    batches = build_val_batches(data_args, seq_len, cfg.train.micro_batch_size, val_batches)
+    batches = build_val_batches(
+        data_args, seq_len, cfg.train.micro_batch_size, val_batches, cfg.attention.etc_tokens
+    )
     buckets = loss_by_position(run.model, batches, position_edges(seq_len, block))
     ctx = _valid_contexts(cfg.attention, seq_len, contexts)
     table = passkey_accuracy(

@@ -311,11 +311,12 @@ class Trainer:
         groups: Any = getattr(engine, "groups", None)
         dp_rank, dp_size = (0, 1) if self.layout is None else (groups.dp_rank, self.layout.dp)
         self._log_layout(groups)
+        etc = cfg.attention.etc_tokens  # slots for the model's learned ETC tokens
         self.stream = build_train_stream(
-            cfg.data, t.seq_len, t.micro_batch_size, dp_rank, dp_size, seed=t.seed
+            cfg.data, t.seq_len, t.micro_batch_size, dp_rank, dp_size, t.seed, etc
         )
         self.val_batches = build_val_batches(
-            cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches
+            cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, etc
         )
         self.result = TrainResult(run_dir=str(self.run_dir))
         # Where this process's RNG states belong: restored as saved only at the same place.

@@ -82,6 +82,11 @@ def batches(case: Case, step: int) -> list[dict[str, torch.Tensor]]:
             batch["labels"] = torch.where(chosen, tokens, -100)
             batch["loss_mask"] = chosen.float()
             batch["global_mask"] = torch.rand(shape, generator=gen) < 0.02
+        etc = case.attention.get("etc_tokens", 0)
+        if etc:  # the leading slots of the model's ETC tokens (data.packing.reserve_etc_slots)
+            batch["tokens"][:, :etc] = -1 - torch.arange(etc)
+            batch["labels"][:, :etc] = -100
+            batch["loss_mask"][:, :etc] = 0
         out.append(batch)
     return out
 
@@ -97,6 +102,11 @@ MLM = Case(
 explicit global position and per-sample global marks."""
 MLM_GLOBAL_PROJECTIONS = Case(mlm=True, attention=dict(MLM.attention, global_projections=True))
 """The same with Longformer's separate global query / key / value projections."""
+MLM_ETC = Case(mlm=True, attention=dict(MLM.attention, etc_tokens=2))
+"""The same with two learned ETC tokens in the leading slots. (With three, one element of
+layer 0's qkv weight, of 3072, ends 2.6e-5 from the one-process value, all others within
+1e-6 and the losses equal: AdamW's step m / (sqrt(v) + eps) amplifies rounding differences
+of a gradient element near eps.)"""
 
 
 def reference(case: Case) -> dict:

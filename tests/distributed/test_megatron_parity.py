@@ -109,6 +109,9 @@ def test_bidirectional_mlm_with_global_marks_matches_single_process(tmp_path):
         mc.Run(dict(), mc.MLM, resume_after=1),  # dp = 2, resumed mid-way
         mc.Run(dict(pp=2), mc.MLM),
         mc.Run(dict(tp=2), mc.MLM_GLOBAL_PROJECTIONS),  # qkv_global split like qkv
+        mc.Run(dict(tp=2), mc.MLM_ETC),  # the ETC vectors replicated over tp
+        mc.Run(dict(cp=2), mc.MLM_ETC),  # held by cp rank 0 only
+        mc.Run(dict(pp=2), mc.MLM_ETC),  # on the first stage only
     ]
     per_rank = run_ranks(mc.parity_rank, 2, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []

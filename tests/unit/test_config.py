@@ -157,8 +157,14 @@ def test_override_inside_a_value_or_a_whole_section():
         (["attention.causal=false"], ["attention.causal", "data.objective=mlm"]),
         (["data.objective=mlm"], ["data.objective=mlm", "attention.causal=false"]),
         (
-            ["attention.causal=false", "data.objective=mlm", "attention.etc_tokens=2"],
-            ["attention.etc_tokens"],
+            [
+                "attention.causal=false",
+                "data.objective=mlm",
+                "attention.etc_tokens=2",
+                "parallel.tp=2",
+                "parallel.sequence_parallel=true",
+            ],
+            ["attention.etc_tokens=2", "parallel.sequence_parallel"],
         ),
         (["schedule.min_lr=1.0", "optim.lr=0.1"], ["schedule.min_lr", "optim.lr"]),
         (["parallel.cp=3"], ["parallel.cp=3", "train.seq_len"]),

@@ -174,6 +174,20 @@ def test_global_marks_in_the_stream_and_a_missing_piece(tiny_mlm_data):
         build_train_stream(replace(args, global_piece="<cls>"), 128, 4)
 
 
+def test_etc_slots_lead_every_sequence(tiny_mlm_data):
+    args = DataArgs(path=str(tiny_mlm_data), objective="mlm", global_doc_starts=True)
+    batch = next(iter(build_train_stream(args, 128, 4, seed=1, etc_tokens=2)))
+    assert batch["tokens"].shape == (4, 128)
+    assert torch.equal(batch["tokens"][:, :2], torch.tensor([[-1, -2]] * 4))
+    assert not batch["loss_mask"][:, :2].any() and (batch["labels"][:, :2] == IGNORE_INDEX).all()
+    assert torch.equal(batch["position_ids"][:, :2], torch.tensor([[0, 1]] * 4))
+    assert not batch["global_mask"][:, :2].any() and (batch["tokens"][:, 2:] >= 0).all()
+    val = build_val_batches(args, 128, 4, max_batches=1, etc_tokens=2)
+    assert val[0]["tokens"].shape[1] == 128 and (val[0]["tokens"][:, :2] < 0).all()
+    with pytest.raises(ValueError, match="attention.etc_tokens=128"):
+        build_train_stream(args, 128, 4, etc_tokens=128)
+
+
 def test_packing_args_are_validated():
     with pytest.raises(ValueError, match="data.objective='bert'"):
         DataArgs(objective="bert")

@@ -155,11 +155,13 @@ def test_resume_continues_exactly(data_dir, tmp_path, wandb_env):
 
 def test_bidirectional_mlm_encoder_trains_and_resumes_exactly(tiny_mlm_data, tmp_path, wandb_env):
     """attention.causal=false with data.objective=mlm, ITC global blocks, an explicit global
-    position and per-sample global marks (every packed document's first token)."""
+    position, per-sample global marks (every packed document's first token) and two learned
+    ETC tokens in the leading slots."""
     common = [
         "attention.causal=false",
         "data.objective=mlm",
         "attention.global_tokens=[100]",
+        "attention.etc_tokens=2",
         "data.global_doc_starts=true",
         "checkpoint.every=3",
         "schedule.decay_steps=8",
