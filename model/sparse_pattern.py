@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from model.sparse_layers import layer_values, normalize_layers
 from model.sparse_random import draw_rows, pool_blocks
 
 __all__ = ["SparsityConfig"]
@@ -83,6 +84,13 @@ class SparsityConfig:
     query i iff |i - j| <= w/2; causal (Mistral's sliding_window): iff 0 <= i - j < w. With
     dilation d the offset i - j must also be a multiple of d, and the reach is (w/2)*d
     (causal (w-1)*d). The block table covers the band; the kernels trim it token by token."""
+    layers: tuple[dict, ...] = ()
+    """Per-layer patterns (model/sparse_layers.py): a list of mappings, each a `layers`
+    selector (a slice string of range(n_layers) such as "0:6" or "5::6", an integer or a list
+    of integers) and any of window_blocks, window_tokens, dilation, global_blocks,
+    random_blocks, random_per_head, random_pool_blocks for those layers; applied in order, a
+    later entry winning. Empty: every layer has the pattern above. Layer i's pattern is
+    `for_layer(i, n_layers)`; a full-attention layer is a window wider than the sequence."""
     _dilations: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +144,28 @@ class SparsityConfig:
                 "tokens attend to every position, which breaks causality; use global_blocks "
                 "(a causal visible prefix) instead"
             )
+        object.__setattr__(self, "layers", normalize_layers(self, self.layers))
+
+    # ---- per-layer patterns (model/sparse_layers.py) ----------------------------------------
+
+    def for_layer(self, layer: int, n_layers: int) -> SparsityConfig:
+        """The plain pattern of layer `layer` of `n_layers` (no `layers` left): this config
+        with the `layers` entries selecting that layer applied in order."""
+        if not self.layers:
+            return self
+        return replace(self, layers=(), **layer_values(self.layers, layer, n_layers))
+
+    def check_layers(self, n_layers: int, n_heads: int) -> None:
+        """Raise a ValueError naming the key when some layer of `n_layers` has no valid
+        pattern for `n_heads` heads (an integer selector out of range, a per-head dilation
+        list of the wrong length)."""
+        for layer in range(n_layers):
+            pattern = self.for_layer(layer, n_layers)
+            try:
+                pattern.head_dilations(n_heads)
+            except ValueError as e:
+                where = f"layer {layer} (attention.layers): " if self.layers else ""
+                raise ValueError(f"{where}{e}") from e
 
     # ---- derived geometry -------------------------------------------------------------------
 
@@ -167,6 +197,11 @@ class SparsityConfig:
     def window_band(self, dilation: int) -> tuple[int, int] | None:
         """The token window's key offsets j - i, [lo, hi] inclusive (only multiples of
         `dilation` inside it are seen), for heads of that dilation; None for a block window."""
+        if self.layers:
+            raise ValueError(
+                "attention.layers gives each layer its own pattern: attend, plan and count "
+                "with the pattern of one layer, cfg.for_layer(layer, n_layers)"
+            )
         w, d = self.window_tokens, dilation
         if not w:
             return None

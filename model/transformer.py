@@ -256,7 +256,8 @@ class Transformer(nn.Module):
         if attn_cfg.etc_tokens:
             self.etc = nn.Parameter(torch.empty(attn_cfg.etc_tokens, args.d_model))
         self.blocks: nn.ModuleList | nn.ModuleDict = nn.ModuleList(
-            Block(args, attn_cfg, attention_fn, i, linears) for i in range(args.n_layers)
+            Block(args, attn_cfg.for_layer(i, args.n_layers), attention_fn, i, linears)
+            for i in range(args.n_layers)
         )
         self.norm: RMSNorm | None = RMSNorm(args.d_model, args.norm_eps)
         self.lm_head: nn.Module | None = lm_head

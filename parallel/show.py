@@ -1,14 +1,16 @@
 """Picture of the attention pattern split across context-parallel ranks, with bytes per rank.
 
     python -m train.show --config configs/demo.yaml --cp 4 --out pattern.png \
-        [--seq-len N] [--layer L] [--head H] [--step S] [--bytes-per-value 4]
+        [--seq-len N] [--layer L | --layer all] [--head H] [--step S] [--bytes-per-value 4]
 
 Each cell is one (query block, key block) pair. Query rows belong to the rank that holds the
 query block (rank r holds blocks [r*nl, (r+1)*nl)); an attended cell is coloured by where that
 rank gets the key block from: its own blocks (local), the window halo from its neighbours, the
 global rows (a global key, or a global query whose partial softmax is merged across ranks), or
 the all-to-all of remote random blocks. The legend gives the forward bytes each rank sends per
-layer and sequence, computed from the plan with parallel/traffic.py's conventions.
+layer and sequence, computed from the plan with parallel/traffic.py's conventions. A pattern
+is one layer's (`cfg.for_layer(layer, n_layers)` with attention.layers); `render_layers` draws
+every layer's, one panel each.
 
     from parallel.show import classify_blocks, forward_bytes, draw_pattern
     cats = classify_blocks(cfg.attention, seq_len, world=4, n_heads=4)   # int [nb, nb]
@@ -18,6 +20,7 @@ Legend: nb = blocks in the sequence, nl = blocks per rank, b = block size.
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +38,11 @@ __all__ = [
     "CATEGORY_NAMES",
     "classify_blocks",
     "forward_bytes",
+    "describe_pattern",
     "draw_pattern",
+    "draw_layers",
     "render_pattern",
+    "render_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +173,58 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB"
 
 
+def describe_pattern(cfg: SparsityConfig) -> str:
+    """One line naming a layer's pattern (the pictures' titles)."""
+    if cfg.window_tokens:
+        window = f"window {cfg.window_tokens} tokens"
+    else:
+        window = f"window {cfg.window_blocks} blocks"
+    if cfg.max_dilation > 1:
+        window += f" dilation {cfg.dilation}"
+    pool = f" (pool {cfg.random_pool_blocks})" if cfg.random_pool_blocks else ""
+    return (
+        f"b={cfg.block_size}, {window}, global {cfg.global_blocks}, random "
+        f"{cfg.random_blocks}{pool}, {'causal' if cfg.causal else 'bidirectional'}"
+    )
+
+
+def _colours():
+    from matplotlib.colors import ListedColormap
+
+    colours = [_RANK_TINTS[1], _RANK_TINTS[0], "white", *[_COLOURS[c] for c in _COLOURS]]
+    return ListedColormap(colours), len(colours)
+
+
+def _draw_panel(ax, cats: np.ndarray, world: int, title: str, labels: bool = True) -> None:
+    """One classified pattern `cats` [nb, nb] on the axes `ax`, rank bands marked."""
+    nb = cats.shape[0]
+    nl = nb // world
+    # Unattended cells take their row's rank tint, so the rank bands show through.
+    rank_of_row = np.arange(nb) // nl
+    image = np.where(cats == NONE, -1 - (rank_of_row[:, None] % 2), cats)
+    cmap, n_colours = _colours()
+    ax.imshow(image + 2, cmap=cmap, vmin=0, vmax=n_colours - 1, interpolation="nearest")
+    for r in range(1, world):
+        ax.axhline(r * nl - 0.5, color="black", linewidth=0.8)
+        ax.axvline(r * nl - 0.5, color="black", linewidth=0.4, linestyle=":")
+    ax.set_yticks([r * nl + nl / 2 - 0.5 for r in range(world)])
+    ax.set_yticklabels([f"rank {r}" for r in range(world)])
+    if labels:
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query blocks (rows computed by the rank)")
+    ax.set_title(title, fontsize=None if labels else 8)
+
+
+def _save(fig, out: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the outside legend
+    plt.close(fig)
+    return path
+
+
 def draw_pattern(
     cats: np.ndarray,
     world: int,
@@ -179,27 +237,11 @@ def draw_pattern(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    nb = cats.shape[0]
-    nl = nb // world
-    # Unattended cells take their row's rank tint, so the rank bands show through.
-    rank_of_row = np.arange(nb) // nl
-    image = np.where(cats == NONE, -1 - (rank_of_row[:, None] % 2), cats)
-    colours = [_RANK_TINTS[1], _RANK_TINTS[0], "white", *[_COLOURS[c] for c in _COLOURS]]
-    cmap = ListedColormap(colours)
-    side = min(12.0, 4.0 + nb / 24)
+    side = min(12.0, 4.0 + cats.shape[0] / 24)
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(image + 2, cmap=cmap, vmin=0, vmax=len(colours) - 1, interpolation="nearest")
-    for r in range(1, world):
-        ax.axhline(r * nl - 0.5, color="black", linewidth=0.8)
-        ax.axvline(r * nl - 0.5, color="black", linewidth=0.4, linestyle=":")
-    ax.set_yticks([r * nl + nl / 2 - 0.5 for r in range(world)])
-    ax.set_yticklabels([f"rank {r}" for r in range(world)])
-    ax.set_xlabel("key block")
-    ax.set_ylabel("query blocks (rows computed by the rank)")
-    ax.set_title(title)
+    _draw_panel(ax, cats, world, title)
     handles: list = [
         Patch(color=_COLOURS[c], label=f"{CATEGORY_NAMES[c]}: {int((cats == c).sum())} blocks")
         for c in _COLOURS
@@ -211,11 +253,37 @@ def draw_pattern(
             label = f"rank {r}: {_kib(sum(sent.values()))}" + (f" ({parts})" if parts else "")
             handles.append(Patch(color=_RANK_TINTS[r % 2], label=label))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the outside legend
-    plt.close(fig)
-    return path
+    return _save(fig, out)
+
+
+def draw_layers(
+    panels: list[tuple[np.ndarray, str, list[dict[str, int]]]],
+    world: int,
+    out: str | Path,
+    title: str = "",
+) -> Path:
+    """Write one panel per layer, (cats [nb, nb], title, forward bytes of each rank), in a
+    grid as a PNG, each panel's title ending with the most bytes a rank sends in that layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 5.0 * rows), squeeze=False)
+    for ax, (cats, name, sent) in zip(axes.flat, panels, strict=False):
+        worst = max(sent, key=lambda by_kind: sum(by_kind.values()))
+        parts = ", ".join(f"{k} {_kib(v)}" for k, v in worst.items() if v) or "nothing"
+        text = textwrap.fill(f"{name}; most sent by a rank: {parts}", 48)
+        _draw_panel(ax, cats, world, text, labels=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    handles = [Patch(color=_COLOURS[c], label=CATEGORY_NAMES[c]) for c in _COLOURS]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
+    fig.suptitle(title)
+    return _save(fig, out)
 
 
 def render_pattern(
@@ -243,3 +311,32 @@ def render_pattern(
     if title is None:
         title = f"N={seq_len}, cp={world}, layer {layer}, head {head}"
     return draw_pattern(cats, world, out, sent, title)
+
+
+def render_layers(
+    attn_cfg: SparsityConfig,
+    n_layers: int,
+    seq_len: int,
+    world: int,
+    n_heads: int,
+    head_dim: int,
+    out: str | Path,
+    head: int = 0,
+    step: int = 0,
+    bytes_per_value: int = 4,
+    title: str | None = None,
+) -> Path:
+    """Every layer's own pattern (attention.layers) split over the ranks, one panel each with
+    the forward bytes its ranks send: what differs from layer to layer."""
+    panels = []
+    for layer in range(n_layers):
+        cfg = attn_cfg.for_layer(layer, n_layers)
+        cats = classify_blocks(cfg, seq_len, world, n_heads, layer, step, head)
+        sent = [
+            forward_bytes(cfg, seq_len, world, r, n_heads, head_dim, layer, step, bytes_per_value)
+            for r in range(world)
+        ]
+        panels.append((cats, f"layer {layer}: {describe_pattern(cfg)}", sent))
+    if title is None:
+        title = f"N={seq_len}, cp={world}, head {head}"
+    return draw_layers(panels, world, out, title)

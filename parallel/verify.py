@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 
 from model.sparse import SparsityConfig, dense_attention
+from model.transformer import ModelArgs
 from parallel.context_parallel import cp_sparse_attention
 from parallel.local_ranks import run_local_ranks
 
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 
-def load_attention(path: str) -> tuple[SparsityConfig, int | None]:
-    """(SparsityConfig from the `attention:` mapping, train.seq_len or None)."""
+def load_attention(path: str, layer: int = 1) -> tuple[SparsityConfig, int | None]:
+    """(the pattern of `layer` from the `attention:` mapping, train.seq_len or None); with
+    attention.layers, that layer's own pattern (model.n_layers from the YAML)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     attention = raw.get("attention")
     if not isinstance(attention, dict):
@@ -44,7 +46,8 @@ def load_attention(path: str) -> tuple[SparsityConfig, int | None]:
     if unknown:
         raise ValueError(f"{path}: unknown attention keys {unknown}; known: {sorted(known)}")
     seq_len = (raw.get("train") or {}).get("seq_len")
-    return SparsityConfig(**attention), seq_len
+    n_layers = (raw.get("model") or {}).get("n_layers", ModelArgs.n_layers)
+    return SparsityConfig(**attention).for_layer(layer, n_layers), seq_len
 
 
 def compare(rank: int, world: int, cfg: SparsityConfig, args: argparse.Namespace) -> dict:
@@ -114,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=0, help="default: per-head dilations, else 2")
     p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
-    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--layer", type=int, default=1, help="its pattern and random draw")
     p.add_argument("--step", type=int, default=0)
     p.add_argument("--padding", action="store_true", help="pad the last third of a sample")
     p.add_argument("--global-mask", action="store_true", help="3 per-sample global tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=300, help="gloo timeout, seconds")
     args = p.parse_args(argv)
-    cfg, seq_len = load_attention(args.config)
+    cfg, seq_len = load_attention(args.config, args.layer)
     args.seq_len = args.seq_len or seq_len
     if not args.seq_len:
         p.error("the config has no train.seq_len: pass --seq-len")

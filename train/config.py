@@ -185,7 +185,7 @@ class Config:
                 "data.objective=mlm trains a bidirectional encoder: set attention.causal=false "
                 "(a causal model predicts the next token, data.objective=clm)"
             )
-        attn.head_dilations(self.model.n_heads)  # a per-head dilation list must match n_heads
+        attn.check_layers(self.model.n_layers, self.model.n_heads)  # attention.layers, dilation
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(
                 f"schedule.min_lr={self.schedule.min_lr} must not exceed optim.lr={self.optim.lr}"

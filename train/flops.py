@@ -12,8 +12,9 @@
 Matmuls: every linear weight (q/k/v, output, MLP, LM head; the embedding lookup is free) costs
 2 FLOPs per token forward and 4 backward, the usual 6 * params. Attention counts only the pairs
 the sparsity pattern allows (`model.sparse.count_pairs`, per layer because the random draw
-depends on the layer): q.k and p.v are 2 * head_dim FLOPs each per pair and head forward, and
-the backward twice that, so 3 * 4 * head_dim * pairs. A dense model would count N^2 pairs; the
+depends on the layer and attention.layers may give each layer its own pattern): q.k and p.v
+are 2 * head_dim FLOPs each per pair and head forward, and the backward twice that, so
+3 * 4 * head_dim * pairs. A dense model would count N^2 pairs; the
 block-sparse one counts O(N), which is what MFU must be measured against.
 
 The peak: logging.peak_tflops when configured, else the known bf16 peak of the GPU, else a
@@ -89,8 +90,12 @@ def linear_params(args: ModelArgs) -> int:
 def attention_pairs(
     attn_cfg: SparsityConfig, seq_len: int, n_heads: int, n_layers: int, step: int = 0
 ) -> int:
-    """Allowed (query, key) pairs of one sequence, summed over heads and layers."""
-    return sum(count_pairs(attn_cfg, seq_len, n_heads, layer, step) for layer in range(n_layers))
+    """Allowed (query, key) pairs of one sequence, summed over heads and layers (each layer's
+    own pattern, attention.layers)."""
+    return sum(
+        count_pairs(attn_cfg.for_layer(layer, n_layers), seq_len, n_heads, layer, step)
+        for layer in range(n_layers)
+    )
 
 
 def flops_per_token(

@@ -145,17 +145,19 @@ def render_run_pattern(
     bytes_per_value: int,
     out: str | Path,
 ) -> Path:
-    """parallel.show's picture of the run's pattern (layer 0, head 0, the first random draw)
-    split over its `cp` ranks, with the bytes per rank; what the loop attaches to wandb."""
-    from parallel.show import render_pattern
+    """parallel.show's picture of the run's pattern (layer 0, head 0, the first random draw;
+    with attention.layers every layer's, one panel each) split over its `cp` ranks, with the
+    bytes per rank; what the loop attaches to wandb."""
+    from parallel.show import describe_pattern, render_layers, render_pattern
 
-    a = attn_cfg
-    pool = f" (pool {a.random_pool_blocks})" if a.random_pool_blocks else ""
-    title = (
-        f"N={seq_len}, b={a.block_size}, window={a.window_blocks}, global={a.global_blocks}, "
-        f"random={a.random_blocks}{pool}; cp={cp}, layer 0, head 0"
-    )
+    n_heads, head_dim, n_layers = model_args.n_heads, model_args.head_dim, model_args.n_layers
+    if attn_cfg.layers:
+        return render_layers(
+            attn_cfg, n_layers, seq_len, cp, n_heads, head_dim, out,
+            bytes_per_value=bytes_per_value, title=f"N={seq_len}, cp={cp}, head 0",
+        )  # fmt: skip
+    title = f"N={seq_len}, {describe_pattern(attn_cfg)}; cp={cp}, layer 0, head 0"
     return render_pattern(
-        attn_cfg, seq_len, cp, model_args.n_heads, model_args.head_dim, out,
+        attn_cfg, seq_len, cp, n_heads, head_dim, out,
         bytes_per_value=bytes_per_value, title=title,
     )  # fmt: skip

@@ -9,6 +9,8 @@ FlexAttention path, `backend="flex"`). Used by test_context_parallel.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -77,7 +79,20 @@ PATTERNS: dict[str, tuple[dict, bool, bool]] = {
         True,
         True,
     ),
+    # attention.layers: the cases run layer 1, whose own pattern is this multi-hop, per-head
+    # dilated token window (the base pattern is layer 0's).
+    "per-layer": (
+        dict(
+            window_tokens=12,
+            global_blocks=1,
+            random_blocks=1,
+            layers=({"layers": "1::2", "window_tokens": 40, "dilation": (1, 2, 1)},),
+        ),
+        False,
+        False,
+    ),
 }
+N_LAYERS = 3  # of the configs with attention.layers
 
 
 # name -> (SparsityConfig kwargs, true sequence length): not a multiple of cp x block, and a
@@ -143,7 +158,7 @@ def reference(q, k, v, cfg, layer, step, padding_mask, global_mask):
 
 
 def _errors(rank, world, case, dtype, layer=1, step=3, batch=2, heads=3, dim=8):
-    cfg = SparsityConfig(**case["cfg"])
+    cfg = SparsityConfig(**case["cfg"]).for_layer(layer, N_LAYERS)
     length = case.get("length", SEQ)  # any length: padded to cp x block, true length passed
     q, k, v, d_out, padding_mask, global_mask = make_inputs(
         case, length, batch, heads, dim, dtype, seed=11
@@ -212,6 +227,62 @@ def two_layers(rank: int, world: int) -> dict:
         "dq": float((ql.grad - qr.grad[:, :, sl]).abs().max()),
         "dk": float((kl.grad - kr.grad[:, :, sl]).abs().max()),
         "dv": float((vl.grad - vr.grad[:, :, sl]).abs().max()),
+    }
+
+
+# Three layers, three patterns: a narrow causal token window (a one-block halo), a dilated one
+# reaching past a rank's slice (multi-hop), and BigBird blocks (global rows, random all-to-all).
+PER_LAYER = dict(
+    block_size=BLOCK,
+    window_tokens=6,
+    global_blocks=0,
+    random_blocks=0,
+    causal=True,
+    layers=(
+        {"layers": 1, "window_tokens": 30, "dilation": (1, 2)},
+        {"layers": "2:", "window_tokens": 0, "window_blocks": 2, "global_blocks": 1,
+         "random_blocks": 2},
+    ),
+)  # fmt: skip
+
+
+def per_layer_model(rank: int, world: int) -> dict:
+    """A 3-layer model whose layers differ (PER_LAYER) on `world` cp ranks: the error of this
+    rank's logits and their gradient against the one-process model, and the forward bytes it
+    sent per layer and kind, with what each layer's own plan says it sends
+    (parallel.show.forward_bytes of cfg.for_layer)."""
+    from model.sparse import sparse_attention
+    from model.transformer import ModelArgs, Transformer
+    from parallel.show import forward_bytes
+    from parallel.traffic import KINDS
+
+    args = ModelArgs(vocab_size=64, d_model=32, n_layers=N_LAYERS, n_heads=2)
+    cfg = SparsityConfig(**PER_LAYER)
+    tokens = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    reference = Transformer(args, cfg, sparse_attention, seed=1).double()
+    ref = reference(tokens, step=2)
+    ref_grad = torch.autograd.grad(ref.square().sum(), reference.embed.weight)[0]
+    counter = TrafficCounter()
+    attend = functools.partial(cp_sparse_attention, group=None, traffic=counter)
+    model = Transformer(args, cfg, attend, seed=1).double()
+    n = SEQ // world
+    sl = slice(rank * n, (rank + 1) * n)
+    logits = model(tokens[:, sl], torch.arange(SEQ)[sl].expand(2, -1), step=2)
+    grad = torch.autograd.grad(logits.square().sum(), model.embed.weight)[0]
+    if world > 1:
+        dist.all_reduce(grad)  # each rank's is its tokens' share
+    sent, expected = {}, {}
+    for layer in range(N_LAYERS):
+        sent[layer] = {k: counter.total(kind=k, direction="forward", layer=layer) for k in KINDS}
+        expected[layer] = forward_bytes(
+            cfg.for_layer(layer, N_LAYERS), SEQ, world, rank, args.n_heads, args.head_dim,
+            layer, step=2, bytes_per_value=8, batch=2,
+        )  # fmt: skip
+    return {
+        "logits": float((logits - ref[:, sl]).detach().abs().max()),
+        "grad": float((grad - ref_grad).abs().max()),
+        "sent": sent,
+        "expected": expected,
     }
 
 

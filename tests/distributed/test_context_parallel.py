@@ -150,6 +150,24 @@ def test_pool_traffic_is_counted_as_pool_and_matches_forward_bytes(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_per_layer_model_plans_and_traffic_follow_each_layer(tmp_path):
+    """attention.layers on 4 cp ranks (cp_cases.PER_LAYER): the model's logits and gradients
+    equal one process's, and every layer sends what its own pattern's plan says
+    (parallel.show.forward_bytes), which differs from layer to layer."""
+    per_rank = run_ranks(cp_cases.per_layer_model, 4, tmp_path, timeout=100)
+    for rank, result in enumerate(per_rank):
+        assert result["logits"] < 1e-9 and result["grad"] < 1e-9, (rank, result)
+        assert result["sent"] == result["expected"], rank
+    halo = [sum(r["sent"][layer]["halo"] for r in per_rank) for layer in range(3)]
+    assert 0 < halo[0] < halo[1], halo  # the dilated window reaches past a rank's slice
+    assert sum(r["sent"][2]["random"] for r in per_rank) > 0  # causal: the last rank sends none
+    for result in per_rank:
+        assert result["sent"][2]["global"] > 0
+        for layer in (0, 1):  # the token windows: halo only
+            assert result["sent"][layer]["random"] == result["sent"][layer]["global"] == 0
+
+
+@pytest.mark.timeout(120)
 def test_bad_calls_raise_value_error_on_every_rank(tmp_path):
     per_rank = run_ranks(cp_cases.errors, 2, tmp_path, timeout=60)
     for rank, messages in enumerate(per_rank):
