@@ -130,3 +130,25 @@ def test_render_pattern_of_a_bidirectional_pattern(tmp_path):
     cfg = SparsityConfig(8, 5, 2, 2)  # the trainer's configs are causal; the picture is not
     path = render_pattern(cfg, 256, 4, n_heads=2, head_dim=8, out=tmp_path / "p.png")
     assert path.is_file() and path.stat().st_size > 20_000
+
+
+def test_command_draws_every_layers_own_pattern(tmp_path):
+    """attention.layers: --layer all draws one panel per layer; --layer L that layer's own
+    pattern (here a token window whose halo the base window's would not have)."""
+    overrides = [
+        "model.n_heads=2", "model.d_model=32", "model.n_layers=3", "attention.window_tokens=100",
+        'attention.layers=[{layers: "1:", window_tokens: 300, dilation: [1, 2]}, '
+        "{layers: 2, global_blocks: 0}]",
+    ]  # fmt: skip
+    args = ["--config", "configs/demo.yaml", "--cp", "4", "--seq-len", "1024"]
+    out = tmp_path / "layers.png"
+    assert main([*args, "--out", str(out), "--layer", "all", *overrides]) == 0
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.width > 3 * 300  # three panels side by side
+    one = tmp_path / "layer2.png"
+    assert main([*args, "--out", str(one), "--layer", "2", "--head", "1", *overrides]) == 0
+    assert one.stat().st_size > 20_000
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(one), "--layer", "top", *overrides])
