@@ -69,19 +69,20 @@ def test_init_scales_and_tying():
     assert untied.lm_head.weight is not untied.embed.weight
 
 
-def test_attention_fn_is_injected_with_layer_step_and_padding():
+def test_attention_fn_is_injected_with_layer_step_and_masks():
     calls = []
 
-    def recording(q, k, v, cfg, layer, step, padding_mask=None):
-        calls.append((tuple(q.shape), cfg, layer, step, padding_mask))
-        return sparse_attention(q, k, v, cfg, layer=layer, step=step, padding_mask=padding_mask)
+    def recording(q, k, v, cfg, layer, step, padding_mask=None, global_mask=None):
+        calls.append((tuple(q.shape), cfg, layer, step, padding_mask, global_mask))
+        return sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask)
 
     model = Transformer(ARGS, ATTN, attention_fn=recording, seed=0)
     pad = torch.zeros(2, SEQ, dtype=torch.bool)
-    model(_tokens(), step=5, padding_mask_bn=pad)
+    marks = torch.zeros(2, SEQ, dtype=torch.bool)
+    model(_tokens(), step=5, padding_mask_bn=pad, global_mask_bn=marks)
     assert [c[2] for c in calls] == [0, 1]
     assert all(c[0] == (2, 4, SEQ, 16) and c[1] is ATTN and c[3] == 5 for c in calls)
-    assert all(c[4] is pad for c in calls)
+    assert all(c[4] is pad and c[5] is marks for c in calls)
 
 
 def test_sparse_model_matches_dense_oracle_model():
