@@ -1,0 +1,59 @@
+"""An imported HF Llama run (python -m train.hf import: one process, step 0) resumes under
+tp=2 on the Megatron engine: its first step's loss equals the one-process resume's.
+
+Two spawned gloo ranks run `train.loop.train` with parallel.tp=2 on a copy of the imported run
+directory; the pytest process resumes another copy in one process (the reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tests.distributed.harness import run_ranks  # noqa: E402
+from tests.unit.test_hf_llama import import_run, make_llama  # noqa: E402
+
+STEPS = 2
+
+
+def _resume(run_dir: Path, layout: list[str]):
+    from train.config import load_config
+    from train.loop import train
+
+    overrides = [f"train.run_dir={run_dir}", f"train.steps={STEPS}", *layout]
+    return train(load_config(run_dir / "config.yaml", overrides), resume="yes")
+
+
+def tp2_rank(rank: int, world: int, imported: str, root: str) -> list[float]:
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1"
+    )
+    run_dir = Path(root) / "tp2"
+    if rank == 0:
+        shutil.copytree(imported, run_dir)
+    import torch.distributed as dist
+
+    dist.barrier()
+    result = _resume(run_dir, ["parallel.tp=2"])
+    assert result.start_step == 0
+    return result.losses
+
+
+@pytest.mark.timeout(300)
+def test_an_imported_run_resumes_under_tp2_with_the_one_process_loss(tiny_prepared_data, tmp_path):
+    hf_dir = make_llama(tmp_path / "hf")
+    imported = tmp_path / "imported"
+    assert import_run(hf_dir, imported, tiny_prepared_data) == 0
+    one_dir = tmp_path / "one"
+    shutil.copytree(imported, one_dir)
+    one = _resume(one_dir, []).losses
+    (tp2, _) = run_ranks(tp2_rank, world=2, args=(str(imported), str(tmp_path)), timeout=240)
+    assert len(one) == len(tp2) == STEPS and all(math.isfinite(x) for x in one + tp2)
+    print(f"resumed losses: one process {one}, tp=2 {tp2}")
+    assert abs(tp2[0] - one[0]) < 1e-5, (tp2, one)
