@@ -64,7 +64,8 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (gate and up projections, silu) or GELU feed-forward block."""
+    """SwiGLU (gate and up projections, silu) or GELU ("gelu": erf; "gelu_tanh": the tanh
+    approximation) feed-forward block."""
 
     def __init__(self, d_model: int, hidden: int, kind: str, linears: Linears) -> None:
         super().__init__()
@@ -81,5 +82,5 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)

@@ -6,9 +6,10 @@
 An architecture is a single-device nn.Module class constructed as
 `cls(args, attn_cfg, attention_fn=None, seed=0)` whose parameters are named as the model space
 of checkpoints expects (train.model_space), plus, to run under tp / pp, the parallelize step
-that parallel.parallelize applies to it. Today there is one, the decoder-only "transformer"
-(RoPE, RMSNorm, SwiGLU or GELU; model/transformer.py); an encoder (#19) registers here next to
-it, and `model.arch` in a recipe chooses.
+that parallel.parallelize applies to it. Today: the decoder-only "transformer"
+(RoPE, RMSNorm, SwiGLU or GELU; model/transformer.py), and the HF RoBERTa / Longformer /
+BigBird-shaped "encoder" with an MLM head (model/encoder.py; one process only so far).
+`model.arch` in a recipe chooses.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from typing import Any
 
 from torch import nn
 
+from model.encoder import Encoder
 from model.sparse_pattern import SparsityConfig
 from model.transformer import ModelArgs, Transformer
 
 __all__ = ["ARCHITECTURES", "build_model"]
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"transformer": Transformer}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "transformer": Transformer,
+    "encoder": Encoder,
+}
 """model.arch values and their model classes."""
 
 

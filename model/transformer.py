@@ -41,7 +41,8 @@ class ModelArgs:
 
     arch: str = "transformer"
     """The architecture (model.registry.ARCHITECTURES): "transformer", the decoder-only model
-    of this file."""
+    of this file, or "encoder", the HF RoBERTa / Longformer / BigBird-shaped bidirectional
+    encoder with an MLM head (model/encoder.py)."""
     vocab_size: int = 4096
     """Embedding rows; must be >= the tokenizer's vocabulary (checked against the manifest)."""
     d_model: int = 128
@@ -54,7 +55,8 @@ class ModelArgs:
     """Hidden width of the MLP; None picks 4*d_model for gelu and ~8/3*d_model (a multiple of
     32) for swiglu, which keeps the parameter count equal."""
     mlp: str = "swiglu"
-    """Feed-forward kind: "swiglu" or "gelu"."""
+    """Feed-forward kind: "swiglu", "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation,
+    HF's "gelu_new" of BigBird). The encoder's feed-forward and MLM head use its GELU."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
     rope_theta: float = 10000.0
@@ -68,6 +70,19 @@ class ModelArgs:
     the block's activations during the backward (torch.utils.checkpoint, non-reentrant). Same
     gradients, less memory, about one extra forward of compute. The random-block draw depends on
     (seed, step, layer) only, so the recomputed attention pattern is the original one."""
+    max_positions: int = 0
+    """Encoder: rows of the learned absolute position embedding (HF max_position_embeddings);
+    0 for the decoder (RoPE). Position p of a sequence reads row p + position_offset."""
+    position_offset: int = 0
+    """Encoder: the first position's row of the position embedding: 2 for RoBERTa and
+    Longformer (HF counts from padding_idx + 1; the rows below belong to the padding), 0 for
+    BigBird."""
+    type_vocab_size: int = 0
+    """Encoder: rows of the token type embedding (HF type_vocab_size; every token adds row 0);
+    0 for none."""
+    pooler: bool = False
+    """Encoder: keep HF's pooler (dense over the first token, tanh), which BigBird's MLM
+    checkpoints carry; the MLM logits do not use it, it only travels back on export."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -85,8 +100,12 @@ class ModelArgs:
             )
         if self.ffn_hidden is not None and self.ffn_hidden < 1:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden!r} must be positive or null")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"model.mlp={self.mlp!r} must be 'swiglu' or 'gelu'")
+        if self.mlp not in ("swiglu", "gelu", "gelu_tanh"):
+            raise ValueError(f"model.mlp={self.mlp!r} must be 'swiglu', 'gelu' or 'gelu_tanh'")
+        for name in ("max_positions", "position_offset", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.{name}={value!r} must be a non-negative integer")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"model.recompute={self.recompute!r} must be true or false")
         for name in ("norm_eps", "rope_theta", "init_std"):
@@ -101,7 +120,7 @@ class ModelArgs:
     def hidden(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.d_model
         return 32 * -(-(8 * self.d_model) // (3 * 32))
 

@@ -195,11 +195,29 @@ class Config:
                 f"model.arch={self.model.arch!r} is not one of {', '.join(sorted(ARCHITECTURES))}"
             )
         par = self.parallel
+        if self.model.arch == "encoder":
+            _check_encoder(self.model, par, seq_len)
         check_split(par.tp, par.pp, par.cp, par.sequence_parallel, self.model, attn, seq_len)
         if self.train.engine == "deepspeed":
             reason = deepspeed_refusal(par.pp)
             if reason is not None:
                 raise ValueError(reason)
+
+
+def _check_encoder(model: ModelArgs, par: ParallelArgs, seq_len: int) -> None:
+    """What model.arch=encoder (model/encoder.py) cannot do yet, refused at load time."""
+    split = [f"parallel.{k}={getattr(par, k)}" for k in ("tp", "pp", "cp") if getattr(par, k) > 1]
+    if split:
+        raise ValueError(
+            f"{', '.join(split)}: model.arch=encoder runs in one process so far (tensor, "
+            "pipeline and context parallelism for the encoder are the next step); set them to 1"
+        )
+    if model.max_positions < seq_len + model.position_offset:
+        raise ValueError(
+            f"model.max_positions={model.max_positions} is too few for train.seq_len={seq_len} "
+            f"with model.position_offset={model.position_offset}: positions up to "
+            f"{seq_len + model.position_offset - 1} read its rows"
+        )
 
 
 # ---- generic loading -----------------------------------------------------------------------

@@ -44,7 +44,7 @@ def _rank0_state(step_dir: Path) -> dict[str, Any]:
 def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(the single-process Transformer's state dict, the run's resolved config) of
     `checkpoint`: a run directory, a checkpoint directory or one step_N directory."""
-    from model.transformer import Transformer
+    from model.registry import build_model
     from train.config import config_from_dict
 
     step_dir = step_dir_of(checkpoint)
@@ -61,7 +61,7 @@ def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Ten
         raise ValueError(f"{step_dir} holds no model-space tensors (written by an older halotron)")
     tensors = _read_model_tensors(step_dir / ref.name)
     with torch.device("meta"):
-        names = Transformer(cfg.model, cfg.attention).state_dict()
+        names = build_model(cfg.model, cfg.attention).state_dict()
     out = {}
     for name in names:
         source = f"model.{name}"

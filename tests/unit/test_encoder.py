@@ -1,0 +1,75 @@
+"""The encoder (model/encoder.py) alone: its sparse attention equals the dense oracle inside the
+model, its initialisation is a pure function of (seed, parameter name), it refuses what it
+cannot be, and the config refuses parallel layouts for it. HF parity: test_hf_encoder.py.
+
+    python -m pytest -q tests/unit/test_encoder.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.encoder import Encoder
+from model.registry import build_model
+from model.sparse import SparsityConfig, reference_attention
+from model.transformer import ModelArgs
+from train.config import load_config
+
+ARGS = ModelArgs(
+    arch="encoder", vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp="gelu",
+    max_positions=66, position_offset=2, type_vocab_size=1, init_std=0.1,
+)  # fmt: skip
+PATTERN = SparsityConfig(
+    block_size=8, window_tokens=8, global_blocks=0, random_blocks=0, global_projections=True
+)
+
+
+def test_sparse_attention_in_the_encoder_equals_the_dense_oracle():
+    sparse = build_model(ARGS, PATTERN, seed=1)
+    dense = Encoder(ARGS, PATTERN, attention_fn=reference_attention, seed=1)
+    tokens = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    glob = torch.zeros(2, 64, dtype=torch.bool)
+    glob[0, [0, 33]] = True
+    pad = torch.zeros(2, 64, dtype=torch.bool)
+    pad[1, 60:] = True
+    got = sparse(tokens, None, 0, pad, glob)
+    want = dense(tokens, None, 0, pad, glob)
+    assert got.dtype == torch.float32 and got.shape == (2, 64, 64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert all(p.grad is not None for n, p in sparse.named_parameters() if "pooler" not in n)
+
+
+def test_initialisation_is_a_function_of_seed_and_name():
+    a, b = Encoder(ARGS, PATTERN, seed=3), Encoder(ARGS, PATTERN, seed=3)
+    assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+    # Another parameter set (no global projections, a pooler) leaves the shared ones unchanged.
+    other = Encoder(ModelArgs(**{**vars(ARGS), "pooler": True}), SparsityConfig(), seed=3)
+    shared = set(a.state_dict()) & set(other.state_dict())
+    assert "blocks.1.mlp.up.weight" in shared and "pooler.weight" in other.state_dict()
+    assert all(torch.equal(a.state_dict()[k], other.state_dict()[k]) for k in shared)
+    assert not torch.equal(a.embed.weight, Encoder(ARGS, PATTERN, seed=4).embed.weight)
+    assert a.lm_head.weight is a.embed.weight  # tied MLM decoder
+
+
+def test_the_encoder_refuses_what_it_cannot_be():
+    with pytest.raises(ValueError, match="'gelu' or 'gelu_tanh'"):
+        Encoder(ModelArgs(**{**vars(ARGS), "mlp": "swiglu"}), PATTERN)
+    with pytest.raises(ValueError, match="attention.causal=false"):
+        Encoder(ARGS, SparsityConfig(causal=True))
+    with pytest.raises(ValueError, match="model.max_positions must be positive"):
+        Encoder(ModelArgs(**{**vars(ARGS), "max_positions": 0}), PATTERN)
+
+
+def test_the_config_refuses_parallel_layouts_and_too_few_positions():
+    base = [
+        "model.arch=encoder", "model.mlp=gelu", "model.max_positions=130",
+        "model.position_offset=2", "train.seq_len=128", "attention.causal=false",
+        "data.objective=mlm",
+    ]  # fmt: skip
+    assert load_config(None, base).model.arch == "encoder"
+    with pytest.raises(ValueError, match="parallel.cp=2: model.arch=encoder runs in one process"):
+        load_config(None, [*base, "parallel.cp=2"])
+    with pytest.raises(ValueError, match="model.max_positions=130 is too few"):
+        load_config(None, [*base, "train.seq_len=256"])
