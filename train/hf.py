@@ -13,8 +13,11 @@ saves, written by a one-process Trainer whose model holds the converted weights.
 checkpoint is in model space (train.model_space), so `python -m train --resume` continues it
 under any tp / pp / cp / dp layout the recipe or its overrides choose. Unless the recipe gives
 an attention pattern (any attention key but block_size, causal and seed), the run gets full
-causal attention: a window of every block of train.seq_len, no global or random blocks, which
-is the HF model's function. A sparse pattern changes the function (a warning says so).
+attention (causal for a decoder, both sides for an encoder): a window of every block of
+train.seq_len, no global or random blocks, which is the HF model's function. A sparse pattern
+changes the function (a warning says so). Longformer and BigBird block_sparse checkpoints fix
+their own pattern (train/hf_encoder.py); an encoder (RoBERTa, Longformer, BigBird) runs in
+one process so far.
 The tokenizer of data.path must be the checkpoint's: its ids index the embedding.
 
 `export` reads a run's newest checkpoint (train.export, any layout) and writes the HF model
@@ -39,6 +42,12 @@ from model.sparse_pattern import SparsityConfig
 from train.checkpoint import CheckpointManager
 from train.config import Config, load_config, parse_overrides, read_yaml, save_config
 from train.hf_common import Converter, read_hf_config, write_hf_tokenizer
+from train.hf_encoder import (
+    BigBirdConverter,
+    LongformerConverter,
+    RobertaConverter,
+    requested_seq_len,
+)
 from train.hf_llama import LlamaConverter
 
 __all__ = [
@@ -48,7 +57,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONVERTERS: dict[str, Converter] = {"llama": LlamaConverter()}
+CONVERTERS: dict[str, Converter] = {
+    "llama": LlamaConverter(),
+    "roberta": RobertaConverter(),
+    "longformer": LongformerConverter(),
+    "big_bird": BigBirdConverter(),
+}
 """HF `config.model_type` -> its converter (train.hf_common.Converter)."""
 
 NOT_PATTERN = ("block_size", "causal", "seed")
@@ -65,10 +79,13 @@ def converter_for(model_type: Any) -> Converter:
     return CONVERTERS[model_type]
 
 
-def full_attention(seq_len: int, block_size: int) -> dict[str, int]:
-    """The attention keys of full causal attention over `seq_len` tokens: a window of every
-    block (clipped to the sequence at shorter lengths), no global and no random blocks."""
-    return {"window_blocks": -(-seq_len // block_size), "global_blocks": 0, "random_blocks": 0}
+def full_attention(seq_len: int, block_size: int, causal: bool = True) -> dict[str, int]:
+    """The attention keys of full (causal or bidirectional) attention over `seq_len` tokens: a
+    window of every block on each side it looks (clipped to the sequence at shorter lengths),
+    no global and no random blocks."""
+    n_blocks = -(-seq_len // block_size)
+    window = n_blocks if causal else 2 * n_blocks - 1
+    return {"window_blocks": window, "global_blocks": 0, "random_blocks": 0}
 
 
 def covers(pattern: SparsityConfig, seq_len: int) -> bool:
@@ -133,7 +150,7 @@ def import_config(
     chosen = {**(written.get("attention") or {}), **given.get("attention", {})}
     if set(chosen) - set(NOT_PATTERN) or set(fixed.get("attention", {})) - set(NOT_PATTERN):
         return cfg
-    full = full_attention(cfg.train.seq_len, cfg.attention.block_size)
+    full = full_attention(cfg.train.seq_len, cfg.attention.block_size, cfg.attention.causal)
     return load_config(
         recipe, [*overrides, *pinned, *(f"attention.{k}={v}" for k, v in full.items())]
     )
@@ -154,6 +171,10 @@ def import_hf(
     hf_dir = Path(hf_dir)
     converter = converter_for(read_hf_config(hf_dir).get("model_type"))
     model, attention, state = converter.from_hf(hf_dir)
+    fit_to = getattr(converter, "fit_to", None)  # encoders: RoBERTa -> Longformer positions
+    if fit_to is not None:
+        seq_len = requested_seq_len(recipe, list(overrides))
+        model, attention, state = fit_to(model, attention, state, seq_len)
     cfg = import_config(recipe, list(overrides), {"model": model, "attention": attention}, out)
     if cfg.train.engine == "deepspeed":
         raise ValueError(
@@ -205,6 +226,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, model_type: str | None = 
         converter = converter_for(model_type)
     else:
         matching = sorted(t for t, c in CONVERTERS.items() if c.arch == cfg.model.arch)
+        if len(matching) > 1:  # the encoders: the one whose model the run is
+            matching = [t for t in matching if getattr(CONVERTERS[t], "accepts", bool)(cfg)]
         if not matching:
             raise ValueError(f"no converter exports model.arch={cfg.model.arch!r} yet")
         if len(matching) > 1:

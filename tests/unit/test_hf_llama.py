@@ -205,7 +205,8 @@ def test_unknown_types_and_fixed_keys_are_refused(tmp_path, capsys, hf_dir, run_
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert import_run(tmp_path / "gpt2", tmp_path / "run", tmp_path) == 2
-    assert "HF model_type='gpt2' has no converter; known model types: llama" in (
+    known = "big_bird, llama, longformer, roberta"
+    assert f"HF model_type='gpt2' has no converter; known model types: {known}" in (
         capsys.readouterr().err
     )
     assert import_run(hf_dir, tmp_path / "run", tmp_path, "model.d_model=128") == 2
