@@ -1,0 +1,574 @@
+"""Which TP x PP x CP x DP layouts of a model fit a number of GPUs: memory and traffic per rank.
+
+    from parallel.plan import Workload, plan_layouts, estimate_memory, step_traffic
+    work = Workload(seq_len=2048, micro_batch_size=4, grad_accum=1)
+    plans = plan_layouts(cfg.model, cfg.attention, work, gpus=8, gpu_bytes=80 * 2**30)
+    mem = estimate_memory(cfg.model, cfg.attention, work, Layout(tp=2, cp=2))   # worst rank
+    traffic = step_traffic(cfg.model, cfg.attention, work, Layout(tp=2, cp=2))  # bytes by kind
+
+    python -m train.plan --config configs/demo.yaml --gpus 8 --gpu-memory 80   # the table
+
+A layout is listed when tp * pp * cp * dp = gpus and `check_split` accepts it (tp divides the
+heads and the MLP width, pp the layers, cp x block the sequence). Each gets the per-rank memory
+of the most loaded rank (pipeline stage, context rank) and the bytes that rank sends per
+optimizer step, by kind. The engine is Megatron-core's (DDP, distributed optimizer; the
+trainer's engine for every multi-rank layout); one rank is the local engine (torch AdamW).
+
+Memory (bytes of one rank; P its parameters, T = micro_batch_size x seq_len / cp its tokens
+per micro-batch, d, h, H, D width, MLP width, heads, head dim, V the padded vocabulary):
+- parameters: P x 4 (fp32) or 2 (bf16). P counts this stage's blocks, the embedding on the
+  first stage, the final norm and LM head on the last (a tied head is a second copy when
+  pp > 1), each projection and the vocabulary divided by tp, norms whole.
+- gradients: P x 4: Megatron's DDP accumulates and reduces them in an fp32 buffer
+  (grad_reduce_in_fp32), present throughout; the local engine's param.grad (fp32) are set to
+  None after each step and allocated in the backward as the activations are freed, so its
+  peak holds the larger of gradients and activations.
+- optimizer: the two Adam moments in fp32 (8 bytes), with bf16 also the fp32 master weights
+  (4 bytes), per parameter, sharded over the dp x cp ranks by the distributed optimizer (the
+  ranks that hold the same parameters); the local engine keeps the moments whole.
+- activations: what autograd keeps for the backward, counted tensor by tensor for this model
+  (checked with saved-tensor hooks on CPU, tests/unit/test_plan.py). Per layer and token, in
+  elements: the two RMSNorms keep their input, normalised and scaled tensors (6 d; / tp with
+  sequence parallelism) and a row statistic each (2), RoPE its cos / sin (2 D, fp32); the
+  tensor-parallel part, / tp: q, k, a copy of v, the kernel's output and log-sum-exp (H), the
+  output projection's input, and the tensors the global rows are gathered from (on one device
+  k and the projection's output [q | k | v], kept even without global tokens since a gather
+  saves its input; under cp a stack of q, k, v, only with global tokens): 8 d, or 5 d under
+  cp without global tokens; SwiGLU's up projection, its silu and product (4 h; GELU 2 h);
+  Longformer's global projections another 5 d. Sparse attention keeps nothing of size N^2:
+  the blocked kernel saves q, k, v, the output and the log-sum-exp and recomputes the scores
+  in backward (O(N)). Per layer besides: one device keeps the global queries' mask (G x N,
+  fp32) and rows; under cp a rank keeps its key/value buffers, read from its plan
+  (parallel.cp_plan.rank_plan): the interior's random buffer [received | local drawn blocks]
+  and the boundary buffer [halo | edge | halo | random] (each as k and v), plus the global
+  rows and their output (4 G), the global queries' partial softmax over its keys (G x T per
+  head) and a key copy (T). With attention.layers each layer counts with its own pattern (a
+  distinct pattern's plan once, with the random draw of its first layer). With
+  `model.recompute` a layer keeps only its input (d per token) and one layer at a time is
+  recomputed in full. The decoder only (model.arch=transformer; others are refused).
+  Pipeline (1F1B): stage s holds min(pp - s, grad_accum) micro-batches in flight, and the
+  stage outputs it has sent (d per token each). The peak adds, on the last stage, the logits:
+  Megatron's vocab-parallel cross entropy keeps the fp32 logits and their softmax (2 x V / tp
+  per token, 8 bytes; bf16 10: the bf16 logits, their fp32 copy, the softmax), the local
+  engine's log-softmax, its gradient and the input gradient (3 x V); elsewhere one layer's
+  backward workspace (the SwiGLU gradients 2 h / tp plus d per token, the kernel's chunk of
+  scores, 8 MiB) and on the first stage the embedding's dense weight gradient (V / tp x d).
+- bf16 (assumed, not measured here: the checks run on CPU in fp32): 2-byte activations
+  throughout (the fused GPU kernel takes bf16 q, k, v), fp32 RoPE tables and statistics.
+  Not modelled: the CUDA context, NCCL buffers, the caching allocator's fragmentation and
+  the kernels' own workspaces beyond the blocked kernel's chunk; `plan_layouts` keeps
+  `headroom` of each GPU free for them.
+Measured on CPU (fp32, glibc's mmap threshold fixed so that the peak resident set is the peak
+of live tensors): the estimate is within 15% of the peak RSS growth of short training runs of
+the demo model at 1 rank, tp2, pp2, cp2 and dp2 (tests/distributed/test_plan_memory.py).
+
+Traffic (bytes one rank sends per optimizer step, the most loaded rank of each kind; ring
+collectives: an all-reduce of S bytes sends 2 (n-1)/n S per rank, reduce-scatter and
+all-gather (n-1)/n S; activations of 4 or 2 bytes):
+- tp: per layer and micro-batch two all-reduces of T x d forward (attention and MLP outputs)
+  and two backward (the inputs' gradients of the qkv and up projections; a third with global
+  projections), again forward under recompute; the embedding's output forward and the LM
+  head input's gradient backward; the vocab-parallel cross entropy's three of T floats.
+  Sequence parallelism replaces each all-reduce by an all-gather and a reduce-scatter: the
+  same bytes.
+- pp: each micro-batch's stage output forward and its gradient backward (T x d; / tp with
+  sequence parallelism): a middle stage sends both, the first and last one each; the tied
+  embedding's gradient all-reduce between the first and last stage once per step (fp32).
+- cp: per layer and micro-batch parallel.show.forward_bytes forward (halo, global rows and
+  merge, random or pool) and, backward, the gradients of what the rank received (the
+  reverse exchange), forward again under recompute.
+- dp: the distributed optimizer's reduce-scatter of the fp32 gradients and all-gather of the
+  parameters over the dp x cp ranks, once per step (zero with one such rank).
+Sorting (`plan_layouts`): layouts that fit first, by total bytes per step, then memory;
+`sort="memory"` orders by memory first. Legend: d d_model, h MLP width, H heads, D head dim,
+G global tokens, V padded vocabulary, T tokens of a micro-batch on one rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from model.sparse import SparsityConfig
+from model.transformer import ModelArgs, Transformer
+from parallel.cp_plan import rank_plan
+from parallel.layout import Layout, check_split
+from parallel.show import forward_bytes
+from parallel.traffic import all_gather_bytes, all_reduce_bytes
+
+__all__ = [
+    "Workload",
+    "MemoryEstimate",
+    "LayoutPlan",
+    "TRAFFIC_KINDS",
+    "check_modelled",
+    "stage_parameters",
+    "layer_activation_bytes",
+    "rank_memory",
+    "estimate_memory",
+    "cp_traffic_by_rank",
+    "step_traffic",
+    "candidate_layouts",
+    "plan_layouts",
+]
+
+KERNEL_CHUNK_BYTES = 2 * (1 << 20) * 4
+"""The blocked kernel's scratch in backward: a chunk's scores and probabilities (2^20 fp32
+values each, model.sparse_kernel._CHUNK_SCORES)."""
+
+TRAFFIC_KINDS = ("tp", "pp", "cp_halo", "cp_global", "cp_random", "dp")
+"""The kinds of `step_traffic`: cp_random is the random blocks' all-to-all (or the pool's)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step asks of a rank: the train section's sizes and the precision."""
+
+    seq_len: int
+    """Tokens per sequence (train.seq_len)."""
+    micro_batch_size: int
+    """Sequences per micro-batch of one data-parallel rank (train.micro_batch_size)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (train.grad_accum; the pipeline's micro-batches)."""
+    precision: str = "fp32"
+    """"fp32" or "bf16" (optim.precision)."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism where tp > 1 (parallel.sequence_parallel)."""
+    local_engine: bool = True
+    """One rank runs the local engine (train.engine auto or local); False: Megatron's."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"optim.precision={self.precision!r} must be fp32 or bf16")
+        for name in ("seq_len", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must be positive")
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of one parameter or activation value."""
+        return 2 if self.precision == "bf16" else 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one rank, by what holds them."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    """The activations' share of the peak: kept tensors of the micro-batches in flight plus
+    the largest transient (logits and their softmax, or a layer's backward)."""
+    where: str = ""
+    """Which rank this is (the most loaded one of the layout)."""
+    grads_at_peak: bool = True
+    """The gradients exist while the activations peak (Megatron's DDP keeps a gradient
+    buffer). False for the local engine, which sets them to None after each step: they are
+    allocated in the backward as the activations are freed, so the peak holds the larger of
+    the two."""
+
+    @property
+    def total(self) -> int:
+        if self.grads_at_peak:
+            return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.optimizer + max(self.grads, self.activations)
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """One layout with its estimates."""
+
+    layout: Layout
+    memory: MemoryEstimate
+    traffic: dict[str, int] = field(default_factory=dict)
+    """Bytes sent per optimizer step by the most loaded rank of each kind (TRAFFIC_KINDS)."""
+    fits: bool = True
+    bubble: float = 0.0
+    """The 1F1B pipeline's idle fraction, (pp - 1) / (grad_accum + pp - 1): shown, not
+    sorted on (the planner does not model compute time)."""
+
+    @property
+    def traffic_total(self) -> int:
+        return sum(self.traffic.values())
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+
+def check_modelled(model: ModelArgs) -> None:
+    """Raise ValueError when the estimates do not model `model.arch` (they count the
+    decoder's tensors, model/transformer.py)."""
+    if model.arch != "transformer":
+        raise ValueError(
+            f"model.arch={model.arch!r}: the planner models the decoder (model.arch=transformer) "
+            "only; its activation count is that model's, tensor by tensor"
+        )
+
+
+def _parameter_shapes(model: ModelArgs, attention: SparsityConfig) -> tuple[tuple[str, int], ...]:
+    """(name, elements) of the single-process model, built on the meta device."""
+    check_modelled(model)
+    with torch.device("meta"):
+        net = Transformer(model, attention)
+    return tuple((name, math.prod(shape)) for name, shape in net.parameter_shapes())
+
+
+def _tp_kind(name: str) -> str | None:
+    from parallel.parallelize import TP_PLAN  # megatron-core: imported when needed
+
+    module = name.rsplit(".", 1)[0]
+    return next((kind for end, kind in TP_PLAN.items() if module.endswith(end)), None)
+
+
+def stage_parameters(
+    model: ModelArgs, attention: SparsityConfig, layout: Layout, stage: int, padded: bool = True
+) -> int:
+    """Parameters one tensor-parallel rank of pipeline stage `stage` holds (parallel.parallelize:
+    its blocks, the embedding first, the final norm and LM head last, the projections and
+    the vocabulary split over tp, the norms whole). `padded`: the vocabulary padded as
+    Megatron's engine pads it (Layout.padded_vocab); the local engine does not."""
+    first, last = stage == 0, stage == layout.pp - 1
+    layers = set(layout.layers_of_stage(model.n_layers, stage))
+    vocab = layout.padded_vocab(model.vocab_size) if padded else model.vocab_size
+    vocab_rows = vocab // layout.tp
+    total = 0
+    shapes = list(_parameter_shapes(model, attention))
+    if model.tie_embeddings and last and not first:  # the last stage's copy of the embedding
+        shapes.append(("lm_head.weight", model.vocab_size * model.d_model))
+    for name, numel in shapes:
+        if name.startswith("blocks."):
+            if int(name.split(".")[1]) not in layers:
+                continue
+        elif name.startswith(("embed.", "etc")):
+            if not first:
+                continue
+        elif not last:  # the final norm and the LM head
+            continue
+        kind = _tp_kind(name)
+        if kind in ("embedding",) or name.startswith("lm_head."):
+            total += vocab_rows * model.d_model
+        elif kind is None:
+            total += numel
+        else:
+            total += numel // layout.tp
+    return total
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+
+def _layer_groups(
+    attention: SparsityConfig, n_layers: int, layers: range
+) -> list[tuple[SparsityConfig, int, int]]:
+    """The distinct plain patterns of `layers` (attention.layers may vary them): (pattern,
+    the first layer that has it, how many layers have it). A pattern's plans are computed
+    once, with the random draw of that first layer."""
+    groups: dict[SparsityConfig, list[int]] = {}
+    for layer in layers:
+        groups.setdefault(attention.for_layer(layer, n_layers), []).append(layer)
+    return [(pattern, found[0], len(found)) for pattern, found in groups.items()]
+
+
+@lru_cache(maxsize=256)
+def _cp_kv_rows(
+    pattern: SparsityConfig, seq_len: int, cp: int, rank: int, heads: int, layer: int
+) -> int:
+    """Key/value rows (tokens of one sequence) cp rank `rank` keeps for one layer as k and
+    as v beyond its own: the interior's random buffer [received | local drawn blocks] and the
+    boundary buffer [halo | edge | halo | random] (parallel.context_parallel)."""
+    plan = rank_plan(pattern, seq_len, cp, rank, heads, layer, 0)
+    interior_random = max(0, plan.kpos_interior.numel() - seq_len // cp)
+    boundary = plan.kpos_boundary.numel() if plan.boundary.numel() else 0
+    return interior_random + boundary
+
+
+def _global_count(attention: SparsityConfig, seq_len: int) -> int:
+    return int(attention.global_positions(seq_len).numel())
+
+
+def layer_activation_bytes(
+    model: ModelArgs,
+    attention: SparsityConfig,
+    work: Workload,
+    layout: Layout,
+    cp_rank: int = 0,
+    layer: int = 0,
+) -> int:
+    """Bytes transformer layer `layer` keeps for its backward over one micro-batch on one
+    rank (module docstring), without recomputation; its own pattern with attention.layers."""
+    attention = attention.for_layer(layer, model.n_layers)
+    d, h, hd = model.d_model, model.hidden, model.head_dim
+    tp, cp, p = layout.tp, layout.cp, work.value_bytes
+    heads = model.n_heads // tp
+    n_local = work.seq_len // cp
+    tokens = work.micro_batch_size * n_local
+    norms = 6 * d // (tp if work.sequence_parallel and tp > 1 else 1)
+    n_glob = _global_count(attention, work.seq_len)
+    # q, k, a copy of v, the output, the output projection's input; and the tensors the
+    # global rows are gathered from: on one device k and the projection's output [q | k | v]
+    # (kept even without global tokens: a gather saves its input), under cp a stack of q, k, v.
+    attn = (8 if cp == 1 or n_glob else 5) * d
+    attn += 5 * d if attention.global_projections else 0
+    mlp = 4 * h if model.mlp == "swiglu" else 2 * h
+    per_token = p * (norms + (attn + mlp) // tp) + 4 * (2 * hd + heads + 2)
+    total = tokens * per_token
+    row = work.micro_batch_size * heads * hd * p  # one token of k (or v) on this rank
+    if cp == 1:
+        total += 4 * n_glob * work.seq_len  # the global queries' mask, one per batch
+        total += 3 * n_glob * row
+    else:
+        total += 2 * _cp_kv_rows(attention, work.seq_len, cp, cp_rank, heads, layer) * row
+        if n_glob:
+            total += 4 * n_glob * row + n_local * row  # global rows and output, a key copy
+            total += work.micro_batch_size * heads * n_glob * n_local * p  # partial softmax
+    return total
+
+
+def _stage_activation_bytes(
+    model: ModelArgs,
+    attention: SparsityConfig,
+    work: Workload,
+    layout: Layout,
+    stage: int,
+    cp_rank: int,
+) -> int:
+    """The activations' share of the peak on (stage, cp_rank): what the micro-batches in
+    flight keep, plus the larger of the head's transient (last stage: the logits) and the
+    backward's (a layer's workspace, and under recompute the layer recomputed)."""
+    d, p, tp = model.d_model, work.value_bytes, layout.tp
+    first, last = stage == 0, stage == layout.pp - 1
+    layers = layout.layers_of_stage(model.n_layers, stage)
+    tokens = work.micro_batch_size * work.seq_len // layout.cp
+    sp = tp if work.sequence_parallel and tp > 1 else 1
+    per_layer = [
+        (count, layer_activation_bytes(model, attention, work, layout, cp_rank, layer))
+        for _, layer, count in _layer_groups(attention, model.n_layers, layers)
+    ]
+    if model.recompute:  # each layer keeps its input
+        kept_layers = len(layers) * tokens * d * p // sp
+    else:
+        kept_layers = sum(count * n for count, n in per_layer)
+    in_flight = min(layout.pp - stage, work.grad_accum) if layout.pp > 1 else 1
+    kept = in_flight * kept_layers
+    if not last:
+        kept += in_flight * tokens * d * p // sp  # stage outputs kept until their backward
+    backward = tokens * (2 * model.hidden // tp + d) * p + KERNEL_CHUNK_BYTES
+    if model.recompute:  # the layer being recomputed
+        backward += max(n for _, n in per_layer)
+    local = _local(work, layout)
+    vocab_rows = (model.vocab_size if local else layout.padded_vocab(model.vocab_size)) // tp
+    if first:
+        backward += vocab_rows * d * 4  # the embedding's dense weight gradient
+    if not last:
+        return kept + backward
+    head_kept = tokens * 3 * d * p // sp  # the final norm
+    if local:
+        per_logit = 3 * 4  # log-softmax, its gradient, the input gradient
+    else:
+        per_logit = 8 if work.precision == "fp32" else 10
+    return kept + head_kept + max(tokens * vocab_rows * per_logit, backward)
+
+
+def _local(work: Workload, layout: Layout) -> bool:
+    """Whether the layout runs the local engine (one rank, the trainer's choice)."""
+    return layout.world_size == 1 and work.local_engine
+
+
+def rank_memory(
+    model: ModelArgs,
+    attention: SparsityConfig,
+    work: Workload,
+    layout: Layout,
+    stage: int = 0,
+    cp_rank: int = 0,
+) -> MemoryEstimate:
+    """The bytes of the ranks of pipeline stage `stage` and context rank `cp_rank` in a
+    training step under `layout` (module docstring)."""
+    local = _local(work, layout)
+    params = stage_parameters(model, attention, layout, stage, padded=not local)
+    optim_bytes = 8 + (4 if work.precision == "bf16" else 0)
+    return MemoryEstimate(
+        params=params * work.value_bytes,
+        grads=params * 4,
+        optimizer=-(-params * optim_bytes // (layout.dp * layout.cp)),
+        activations=_stage_activation_bytes(model, attention, work, layout, stage, cp_rank),
+        where=f"pp stage {stage}, cp rank {cp_rank}",
+        grads_at_peak=not local,
+    )
+
+
+def estimate_memory(
+    model: ModelArgs, attention: SparsityConfig, work: Workload, layout: Layout
+) -> MemoryEstimate:
+    """The most loaded rank's `rank_memory` (over pipeline stages and cp ranks)."""
+    ranks = (
+        rank_memory(model, attention, work, layout, stage, cp_rank)
+        for stage in range(layout.pp)
+        for cp_rank in range(layout.cp)
+    )
+    return max(ranks, key=lambda m: m.total)
+
+
+# ---- traffic ---------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _cp_layer_bytes(
+    pattern: SparsityConfig,
+    seq_len: int,
+    cp: int,
+    heads: int,
+    head_dim: int,
+    p: int,
+    batch: int,
+    layer: int,
+) -> list[dict[str, int]]:
+    """Per cp rank: bytes sent in one layer's forward and backward, by kind (cp_halo,
+    cp_global, cp_random)."""
+    b = pattern.block_size
+    row = batch * heads * head_dim * p
+    n_glob = _global_count(pattern, seq_len)
+    out = []
+    for rank in range(cp):
+        fwd = forward_bytes(pattern, seq_len, cp, rank, heads, head_dim, layer, 0, p, batch)
+        plan = rank_plan(pattern, seq_len, cp, rank, heads, layer, 0)
+        # Backward sends back the gradients of what this rank received in the forward.
+        halo_back = sum(2 * (piece.hi - piece.lo) * b * row for piece in plan.halo_recv)
+        received = sum(n for src, n in enumerate(plan.random_sources) if src != rank)
+        random_back = 2 * received * b * row if plan.random_in_group else 0
+        # The global rows' all-reduce and the merge's packed all-reduce run again backward
+        # (the merge's row-max all-reduce does not).
+        merge_back = all_reduce_bytes(n_glob * (row + batch * heads * p), cp) if n_glob else 0
+        out.append(
+            {
+                "cp_halo": fwd["halo"] + halo_back,
+                "cp_global": 2 * fwd["global"] + fwd["global_merge"] + merge_back,
+                "cp_random": fwd["random"] + fwd["pool"] + random_back,
+            }
+        )
+    return out
+
+
+def cp_traffic_by_rank(
+    model: ModelArgs, attention: SparsityConfig, work: Workload, layout: Layout, stage: int = 0
+) -> list[dict[str, int]]:
+    """Per cp rank of pipeline stage `stage`: bytes its attention exchanges send per optimizer
+    step (the stage's layers, every micro-batch, forward and backward), by kind: cp_halo,
+    cp_global (the global rows and the merge of the global queries' partials) and cp_random
+    (random or pool)."""
+    kinds = ("cp_halo", "cp_global", "cp_random")
+    if layout.cp == 1:
+        return [dict.fromkeys(kinds, 0)]
+    heads = model.n_heads // layout.tp
+    layers = layout.layers_of_stage(model.n_layers, stage)
+    out = [dict.fromkeys(kinds, 0) for _ in range(layout.cp)]
+    times = work.grad_accum * (2 if model.recompute else 1)
+    for pattern, layer, count in _layer_groups(attention, model.n_layers, layers):
+        per_rank = _cp_layer_bytes(
+            pattern, work.seq_len, layout.cp, heads, model.head_dim, work.value_bytes,
+            work.micro_batch_size, layer,
+        )  # fmt: skip
+        for total, sent in zip(out, per_rank, strict=True):
+            for kind in kinds:
+                total[kind] += times * count * sent[kind]
+    return out
+
+
+def step_traffic(
+    model: ModelArgs, attention: SparsityConfig, work: Workload, layout: Layout
+) -> dict[str, int]:
+    """Bytes the most loaded rank of each kind sends per optimizer step (module docstring)."""
+    d, p, tp, pp, cp = model.d_model, work.value_bytes, layout.tp, layout.pp, layout.cp
+    micro = work.grad_accum
+    tokens = work.micro_batch_size * work.seq_len // cp
+    n_layers = model.n_layers // pp
+    forwards = 2 if model.recompute else 1
+    out = dict.fromkeys(TRAFFIC_KINDS, 0)
+    if tp > 1:
+        act = tokens * d * p
+        backward_reductions = 3 if attention.global_projections else 2
+        per_layer = (2 * forwards + backward_reductions) * all_reduce_bytes(act, tp)
+        stage = n_layers * per_layer
+        # The embedding's output forward (first stage), the LM head input's gradient backward
+        # and the cross entropy's three reductions (last stage, the busier one).
+        ends = all_reduce_bytes(act, tp) * (2 if pp == 1 else 1)
+        loss = 3 * all_reduce_bytes(tokens * 4, tp)
+        out["tp"] = micro * (stage + ends + loss)
+    if pp > 1:
+        sp = tp if work.sequence_parallel and tp > 1 else 1
+        send = tokens * d * p // sp
+        out["pp"] = micro * send * (2 if pp > 2 else 1)
+        if model.tie_embeddings:
+            vocab_rows = layout.padded_vocab(model.vocab_size) // tp
+            out["pp"] += all_reduce_bytes(vocab_rows * d * 4, 2)
+    cp_ranks = [r for s in range(pp) for r in cp_traffic_by_rank(model, attention, work, layout, s)]
+    for kind in ("cp_halo", "cp_global", "cp_random"):
+        out[kind] = max(r[kind] for r in cp_ranks)
+    shard = layout.dp * cp
+    if shard > 1:
+        params = max(stage_parameters(model, attention, layout, s) for s in range(pp))
+        out["dp"] = all_gather_bytes(params * 4, shard) + all_gather_bytes(params * p, shard)
+    return out
+
+
+# ---- the search ------------------------------------------------------------------------------
+
+
+def candidate_layouts(
+    model: ModelArgs, attention: SparsityConfig, work: Workload, gpus: int
+) -> tuple[list[Layout], list[str]]:
+    """(the layouts of `gpus` ranks that check_split accepts, a reason for each refused one)."""
+    if gpus < 1:
+        raise ValueError(f"--gpus={gpus} must be a positive integer")
+    divisors = [k for k in range(1, gpus + 1) if gpus % k == 0]
+    layouts, refused = [], []
+    for tp in divisors:
+        for pp in divisors:
+            for cp in divisors:
+                if gpus % (tp * pp * cp):
+                    continue
+                sp = work.sequence_parallel and tp > 1
+                try:
+                    check_split(tp, pp, cp, sp, model, attention, work.seq_len)
+                except ValueError as e:
+                    refused.append(f"tp={tp} pp={pp} cp={cp}: {e}")
+                    continue
+                layouts.append(Layout(tp, pp, cp, gpus // (tp * pp * cp), sequence_parallel=sp))
+    return layouts, refused
+
+
+def plan_layouts(
+    model: ModelArgs,
+    attention: SparsityConfig,
+    work: Workload,
+    gpus: int,
+    gpu_bytes: float,
+    headroom: float = 0.1,
+    sort: str = "traffic",
+) -> list[LayoutPlan]:
+    """Every accepted layout of `gpus` ranks with its worst rank's memory and traffic. A layout
+    fits when its estimate is at most (1 - headroom) x gpu_bytes. Order: fitting ones first;
+    then by total bytes per step and memory (sort="traffic") or memory and bytes
+    (sort="memory")."""
+    if sort not in ("traffic", "memory"):
+        raise ValueError(f"--sort={sort!r} must be traffic or memory")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"--headroom={headroom} must be in [0, 1)")
+    check_modelled(model)
+    budget = (1 - headroom) * gpu_bytes
+    plans = []
+    for layout in candidate_layouts(model, attention, work, gpus)[0]:
+        memory = estimate_memory(model, attention, work, layout)
+        traffic = step_traffic(model, attention, work, layout)
+        bubble = (layout.pp - 1) / (work.grad_accum + layout.pp - 1)
+        plans.append(LayoutPlan(layout, memory, traffic, memory.total <= budget, bubble))
+
+    def key(plan: LayoutPlan) -> tuple:
+        pair = (plan.traffic_total, plan.memory.total)
+        return (not plan.fits, *(pair if sort == "traffic" else pair[::-1]))
+
+    return sorted(plans, key=key)
