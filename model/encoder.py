@@ -169,17 +169,27 @@ class Encoder(nn.Module):
         padding_mask_bn: torch.Tensor | None = None,
         global_mask_bn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MLM logits [b, n, vocab] in float32. `position_ids_bn` (default 0 ... n-1) index the
-        position embedding from its row position_offset; `padding_mask_bn` (True = padded key)
-        and `global_mask_bn` (True = global token, HF Longformer's global_attention_mask) go to
-        the attention; `step` seeds its random-block draw."""
-        if position_ids_bn is None:
+        """MLM logits [b, n, vocab] in float32. `position_ids_bn` (default 0, 1, ... over the
+        unpadded tokens) index the position embedding from its row position_offset, and with a
+        position_offset a padded token reads row position_offset - 1 (HF's padding_idx);
+        `padding_mask_bn` (True = padded key) and `global_mask_bn` (True = global token, HF
+        Longformer's global_attention_mask) go to the attention; `step` seeds its random-block
+        draw."""
+        offset = self.args.position_offset
+        pad_bn = None if padding_mask_bn is None or not offset else padding_mask_bn.bool()
+        if position_ids_bn is None and pad_bn is not None:
+            # HF's create_position_ids_from_input_ids: the real tokens count 0, 1, ...
+            position_ids_bn = (~pad_bn).long().cumsum(1) - 1
+        elif position_ids_bn is None:
             position_ids_bn = torch.arange(tokens_bn.shape[1], device=tokens_bn.device)
             position_ids_bn = position_ids_bn.expand_as(tokens_bn)
+        rows_bn = position_ids_bn + offset
+        if pad_bn is not None:  # HF (RoBERTa, Longformer): a padded token reads padding_idx
+            rows_bn = rows_bn.masked_fill(pad_bn, offset - 1)
         x = self.embed(tokens_bn)
         if self.type_embed is not None:
             x = x + self.type_embed.weight[0]
-        x = x + self.pos_embed(position_ids_bn + self.args.position_offset)
+        x = x + self.pos_embed(rows_bn)
         x = self.embed_norm(x)
         x = run_blocks(
             self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute,
