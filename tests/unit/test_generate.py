@@ -49,6 +49,16 @@ def _train(data_dir: Path, run_dir: Path, *overrides: str) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generation runs many tiny forwards: on a loaded machine a second intra-op thread only
+    waits for its turn (several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def causal_run(tiny_prepared_data, tmp_path_factory) -> Path:
     """A causal run of 6 steps (a random block reaches back beyond the window at 128 tokens)."""
