@@ -73,3 +73,10 @@ def test_the_config_refuses_parallel_layouts_and_too_few_positions():
         load_config(None, [*base, "parallel.cp=2"])
     with pytest.raises(ValueError, match="model.max_positions=130 is too few"):
         load_config(None, [*base, "train.seq_len=256"])
+    from train.engine_choice import engine_kind
+
+    assert engine_kind(load_config(None, base), world=1) == "local"
+    with pytest.raises(ValueError, match="model.arch=encoder trains in one process"):
+        engine_kind(load_config(None, base), world=2)  # data parallel under torchrun
+    with pytest.raises(ValueError, match="train.engine=megatron"):
+        engine_kind(load_config(None, [*base, "train.engine=megatron"]), world=1)
