@@ -80,3 +80,19 @@ def test_the_config_refuses_parallel_layouts_and_too_few_positions():
         engine_kind(load_config(None, base), world=2)  # data parallel under torchrun
     with pytest.raises(ValueError, match="train.engine=megatron"):
         engine_kind(load_config(None, [*base, "train.engine=megatron"]), world=1)
+
+
+def test_recompute_gives_the_same_gradients_and_bf16_autocast_runs():
+    tokens = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    glob = torch.zeros(2, 64, dtype=torch.bool)
+    glob[:, 0] = True
+    plain = Encoder(ARGS, PATTERN, seed=1)
+    recomputed = Encoder(ModelArgs(**{**vars(ARGS), "recompute": True}), PATTERN, seed=1)
+    for model in (plain, recomputed):
+        model(tokens, None, 0, None, glob).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = plain(tokens, None, 0, None, glob)
+    assert low.dtype == torch.float32  # logits in fp32; the attention itself ran in fp32
+    assert float((low - plain(tokens, None, 0, None, glob).detach()).abs().max()) < 0.1
