@@ -147,17 +147,18 @@ def test_bigbird_block_sparse_imports_its_pattern(tmp_path):
     print(f"big_bird block_sparse (r=1, eval) vs halotron's pattern: {err:.2e} (not matched)")
 
 
-@pytest.mark.parametrize("kind", ["roberta", "longformer"])
+@pytest.mark.parametrize("kind", ["roberta", "longformer", "big_bird"])
 def test_padding_gives_hf_logits_on_the_real_tokens(kind, tmp_path):
-    """HF's attention_mask = not padding_mask; HF's positions count the real tokens from
-    pad_token_id + 1 and give the pads padding_idx, as the encoder does without position_ids."""
+    """HF's attention_mask = not padding_mask; RoBERTa's and Longformer's positions count the
+    real tokens from pad_token_id + 1 and give the pads padding_idx, as the encoder does without
+    position_ids (BigBird's count every token from 0)."""
     hf_dir = make_hf(kind, tmp_path / "hf")
     ours, _ = converted(kind, hf_dir, tmp_path / "run")
     ids = tokens()
     pad = torch.zeros(2, SEQ, dtype=torch.bool)
     pad[1, -40:] = True  # right padding
     pad[0, :8] = True  # left padding: HF's positions start after it
-    ids = ids.masked_fill(pad, 1)  # RoBERTa's and Longformer's pad id
+    ids = ids.masked_fill(pad, 0 if kind == "big_bird" else 1)  # the pad id
     with torch.no_grad():
         mine = ours(ids, padding_mask_bn=pad)
         theirs = hf_load(hf_dir).eval()(ids, attention_mask=(~pad).long()).logits
