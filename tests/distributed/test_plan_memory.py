@@ -109,6 +109,7 @@ def _check(cases: list[MemCase], tmp_path: Path, monkeypatch) -> list[str]:
     return rows
 
 
+@pytest.mark.bench  # a measurement (about 30 s of training runs): make bench
 @pytest.mark.timeout(300)
 def test_estimate_matches_the_peak_of_demo_layouts(tmp_path, monkeypatch):
     rows = _check(FAST, tmp_path, monkeypatch)

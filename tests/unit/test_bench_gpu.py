@@ -1,6 +1,6 @@
 """The GPU check's smoke mode runs every section on the CPU and writes a complete report.
 
-python -m pytest -q tests/unit/test_bench_gpu.py      # about 25 s on 2 cores
+python -m pytest -q -m bench tests/unit/test_bench_gpu.py      # about 25 s on 2 cores (make bench)
 
 Only the report's structure and exactness are checked (timing targets are not evaluated in
 --smoke); the GPU run itself is `python -m benchmarks.gpu` on one H100 / H200.
@@ -35,6 +35,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.bench  # runs the benchmark script (--smoke): make bench
 def test_every_section_ran_without_error(report):
     assert report["smoke"] is True and report["device"] == "cpu" and report["wall_seconds"] > 0
     for section in SECTIONS:
@@ -42,6 +43,7 @@ def test_every_section_ran_without_error(report):
         assert report[section]["seconds"] > 0
 
 
+@pytest.mark.bench  # runs the benchmark script (--smoke): make bench
 def test_exactness_covers_every_path_pattern_and_dtype_and_passes(report):
     results = report["exactness"]["results"]
     keys = {(r["path"], r["pattern"], r["dtype"]) for r in results}
@@ -54,6 +56,7 @@ def test_exactness_covers_every_path_pattern_and_dtype_and_passes(report):
     assert report["targets"]["exactness_all_pass"]["met"] is True
 
 
+@pytest.mark.bench  # runs the benchmark script (--smoke): make bench
 def test_throughput_and_training_report_rates(report):
     rows = {(r["impl"], r["n"]): r for r in report["throughput"]["results"]}
     impls = ("dense_flash", *THROUGHPUT_PATTERNS)
