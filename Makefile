@@ -31,7 +31,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m pytest -q -m bench
+	$(BIN)/python -m pytest -q -m "bench or slow"
 	$(BIN)/python -m benchmarks.attention
 	$(BIN)/python -m benchmarks.context_parallel
 	$(BIN)/python -m benchmarks.cp_overlap

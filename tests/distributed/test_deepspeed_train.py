@@ -88,6 +88,7 @@ def _run_and_resume(common: list[str], nproc: int, tmp_path: Path) -> tuple[Path
     return full, split, out
 
 
+@pytest.mark.slow  # ZeRO-3 x cp2 parity and the torchrun resume (ZeRO-1) are in make test
 @pytest.mark.timeout(400)
 def test_deepspeed_zero3_cp2_torchrun_resumes_exactly(tiny_prepared_data, tmp_path):
     common = [*DS, "deepspeed.zero_stage=3", "parallel.cp=2", f"data.path={tiny_prepared_data}"]

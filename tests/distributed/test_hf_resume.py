@@ -45,7 +45,8 @@ def tp2_rank(rank: int, world: int, imported: str, root: str) -> list[float]:
     return result.losses
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow  # one-process resume of an import + resharding a one-process checkpoint
+@pytest.mark.timeout(300)  # under tp2 x cp2 (test_checkpoint_reshard) are in make test
 def test_an_imported_run_resumes_under_tp2_with_the_one_process_loss(tiny_prepared_data, tmp_path):
     hf_dir = make_llama(tmp_path / "hf")
     imported = tmp_path / "imported"
