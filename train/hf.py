@@ -38,10 +38,14 @@ from typing import Any
 
 import torch
 
-from model.sparse_pattern import SparsityConfig
 from train.checkpoint import CheckpointManager
 from train.config import Config, load_config, parse_overrides, read_yaml, save_config
-from train.hf_common import Converter, read_hf_config, write_hf_tokenizer
+from train.hf_common import (
+    Converter,
+    read_hf_config,
+    uncovered_layers,
+    write_hf_tokenizer,
+)
 from train.hf_encoder import (
     BigBirdConverter,
     LongformerConverter,
@@ -86,28 +90,6 @@ def full_attention(seq_len: int, block_size: int, causal: bool = True) -> dict[s
     n_blocks = -(-seq_len // block_size)
     window = n_blocks if causal else 2 * n_blocks - 1
     return {"window_blocks": window, "global_blocks": 0, "random_blocks": 0}
-
-
-def covers(pattern: SparsityConfig, seq_len: int) -> bool:
-    """Whether one layer's `pattern` lets every query see every key its causality allows at
-    `seq_len` tokens (then it is dense attention, the HF model's)."""
-    if pattern.max_dilation != 1:
-        return False
-    n = seq_len - 1
-    band = pattern.window_band(1)
-    if band is not None:
-        return -band[0] >= n and (pattern.causal or band[1] >= n)
-    left, right = pattern.reach_blocks
-    n_blocks = pattern.n_blocks(seq_len) - 1
-    return left >= n_blocks and (pattern.causal or right >= n_blocks)
-
-
-def uncovered_layers(cfg: Config) -> list[int]:
-    """The layers whose attention pattern is not full attention at train.seq_len."""
-    n_layers, attn = cfg.model.n_layers, cfg.attention
-    return [
-        i for i in range(n_layers) if not covers(attn.for_layer(i, n_layers), cfg.train.seq_len)
-    ]
 
 
 def _value(value: Any) -> str:

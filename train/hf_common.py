@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from model.sparse_pattern import SparsityConfig
     from train.config import Config
 
 __all__ = [
     "Converter", "HfState", "read_hf_config", "read_hf_weights", "write_hf_tokenizer",
-    "TOKENIZER_CHECK_TEXT",
+    "TOKENIZER_CHECK_TEXT", "covers", "uncovered_layers",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -153,3 +154,25 @@ def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path) -> None:
             f"the HF tokenizer written to {out_dir} does not reproduce the sentencepiece ids of "
             f"{model_file} (they differ from token {first} of a test text); use transformers >= 5"
         )
+
+
+def covers(pattern: SparsityConfig, seq_len: int) -> bool:
+    """Whether one layer's `pattern` lets every query see every key its causality allows at
+    `seq_len` tokens (then it is dense attention, the HF model's)."""
+    if pattern.max_dilation != 1:
+        return False
+    n = seq_len - 1
+    band = pattern.window_band(1)
+    if band is not None:
+        return -band[0] >= n and (pattern.causal or band[1] >= n)
+    left, right = pattern.reach_blocks
+    n_blocks = pattern.n_blocks(seq_len) - 1
+    return left >= n_blocks and (pattern.causal or right >= n_blocks)
+
+
+def uncovered_layers(cfg: Config) -> list[int]:
+    """The layers whose attention pattern is not full attention at train.seq_len."""
+    n_layers, attn = cfg.model.n_layers, cfg.attention
+    return [
+        i for i in range(n_layers) if not covers(attn.for_layer(i, n_layers), cfg.train.seq_len)
+    ]

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from train.hf_common import HfState, read_hf_config, read_hf_weights
+from train.hf_common import HfState, read_hf_config, read_hf_weights, uncovered_layers
 
 if TYPE_CHECKING:
     from train.config import Config
@@ -295,8 +295,6 @@ class RobertaConverter(EncoderConverter):
         return model, attention, state
 
     def accepts(self, cfg: Config) -> bool:
-        from train.hf import uncovered_layers
-
         return (
             cfg.model.position_offset > 0
             and not cfg.attention.global_projections
@@ -437,7 +435,6 @@ class BigBirdConverter(EncoderConverter):
         from transformers import BigBirdConfig
 
         from data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-        from train.hf import uncovered_layers
 
         m, a = cfg.model, cfg.attention
         block_sparse = (
