@@ -152,13 +152,21 @@ def check_train_shards(args: DataArgs) -> None:
         )
 
 
+def _piece_id(root: Path, manifest: dict, piece: str) -> int | None:
+    """The id of tokenizer piece ``piece`` in the prepared directory, None when it has none."""
+    tok = Tokenizer.load(root / manifest["tokenizer"]["file"])
+    token_id = tok.piece_to_id(piece)
+    if token_id == tok.unk_id and piece != tok.id_to_piece(tok.unk_id):
+        return None
+    return token_id
+
+
 def mask_token_id(args: DataArgs, root: Path, manifest: dict) -> int:
     """The id of ``args.mask_token`` in the prepared tokenizer (mlm only); -1 for clm."""
     if args.objective != "mlm":
         return -1
-    tok = Tokenizer.load(root / manifest["tokenizer"]["file"])
-    token_id = tok.piece_to_id(args.mask_token)
-    if token_id == tok.unk_id and args.mask_token != tok.id_to_piece(tok.unk_id):
+    token_id = _piece_id(root, manifest, args.mask_token)
+    if token_id is None:
         raise ValueError(
             f"data.objective=mlm needs data.mask_token={args.mask_token!r} in the tokenizer, "
             f"and {root} has no such piece: re-prepare with --user-symbols '{args.mask_token}'"
@@ -170,9 +178,8 @@ def global_piece_id(args: DataArgs, root: Path, manifest: dict) -> int:
     """The id of ``args.global_piece`` in the prepared tokenizer; -1 when none is set."""
     if not args.global_piece:
         return -1
-    tok = Tokenizer.load(root / manifest["tokenizer"]["file"])
-    token_id = tok.piece_to_id(args.global_piece)
-    if token_id == tok.unk_id and args.global_piece != tok.id_to_piece(tok.unk_id):
+    token_id = _piece_id(root, manifest, args.global_piece)
+    if token_id is None:
         raise ValueError(
             f"data.global_piece={args.global_piece!r} is not a piece of the tokenizer in "
             f"{root}: re-prepare with --user-symbols '{args.global_piece}'"
