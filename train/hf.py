@@ -170,7 +170,7 @@ def import_hf(
             "directory"
         )
     sparse = uncovered_layers(cfg)
-    if sparse:
+    if sparse and not set(attention) - set(NOT_PATTERN):  # not the checkpoint's own pattern
         log.warning(
             "the recipe's attention pattern is sparse in layers %s at train.seq_len=%d: the "
             "imported model computes another function than the HF model (its logits equal HF's "
@@ -232,10 +232,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, model_type: str | None = 
             f"trained with (sha256 {trained_with[:12]}...)"
         )
     sparse = uncovered_layers(cfg)
-    if sparse:
+    if sparse and not getattr(converter, "exports_pattern", lambda cfg: False)(cfg):
         log.warning(
             "the run attends sparsely in layers %s at train.seq_len=%d; the HF model attends to "
-            "every earlier token, so its logits are not the run's", sparse, cfg.train.seq_len,
+            "every token (every earlier one in a decoder), so its logits are not the run's",
+            sparse, cfg.train.seq_len,
         )  # fmt: skip
     weights, _ = consolidated_state_dict(manager.path_of(int(state["step"])))
     out = Path(out)

@@ -10,14 +10,19 @@ an MLM head tied to the word embedding); what differs:
 - RoBERTa ("roberta", RobertaForMaskedLM): full attention; positions count from
   pad_token_id + 1 (model.position_offset); the MLM head's activation is always erf GELU.
 - Longformer ("longformer", LongformerForMaskedLM): RoBERTa plus a token window
-  (attention_window = attention.window_tokens: |i - j| <= w / 2), per-sample global tokens
-  (global_attention_mask = the batch's global_mask) and query_global / key_global /
+  (attention_window = attention.window_tokens: |i - j| <= w / 2; a list, one window per layer,
+  is the first layer's window plus attention.layers entries for the others), per-sample global
+  tokens (global_attention_mask = the batch's global_mask) and query_global / key_global /
   value_global projections (attention.global_projections).
 - BigBird ("big_bird", BigBirdForMaskedLM): positions from 0, hidden_act "gelu_new" (tanh GELU,
   model.mlp=gelu_tanh) in the blocks and the head, a pooler kept for export (model.pooler),
-  attention_type "original_full" (full attention) or "block_sparse" (block_size, a 3-block
-  window, the first and last block global, num_random_blocks: halotron draws its own random
-  blocks, so only num_random_blocks=0 is HF's function exactly).
+  attention_type "original_full" (full attention) or "block_sparse": block_size, window_blocks
+  3, global_blocks 2 (the first and last block), random_blocks = num_random_blocks,
+  random_per_head. Given the same random blocks this is HF's training-mode function (the
+  tests inject halotron's draw into HF's random table); the draw itself is halotron's, and
+  HF's eval mode (every random block is block 0, counted again on top of the global block 0)
+  is no pattern. At train.seq_len <= (5 + 2 * num_random_blocks) * block_size HF attends
+  fully, and the import gives full attention.
 Names: word / position / token_type embeddings and the embedding LayerNorm are embed /
 pos_embed / type_embed / embed_norm; per layer, query / key / value are fused into attn.qkv
 (rows [q | k | v]; the global ones into attn.qkv_global), attention.output.dense / LayerNorm
@@ -201,6 +206,11 @@ class EncoderConverter:
         """Whether this converter is the natural export of the run (train.hf.export_hf)."""
         return False
 
+    def exports_pattern(self, cfg: Config) -> bool:
+        """Whether the HF model written for the run attends with the run's sparse pattern
+        (else it attends fully: train.hf.export_hf warns when the run is sparse)."""
+        return False
+
     def hf_config(self, cfg: Config) -> Any:
         raise NotImplementedError
 
@@ -319,25 +329,41 @@ class LongformerConverter(EncoderConverter):
     global_projections = True
 
     @staticmethod
-    def pattern(window: int) -> dict[str, Any]:
+    def pattern(window: int | list[int]) -> dict[str, Any]:
+        """The attention keys of Longformer's `attention_window`, one window or one per layer:
+        the first layer's is attention.window_tokens, each other window an attention.layers
+        entry selecting the layers that have it."""
+        windows = window if isinstance(window, list) else [window]
+        base = windows[0]
+        layers = [
+            {"layers": [i for i, w in enumerate(windows) if w == other], "window_tokens": other}
+            for other in dict.fromkeys(windows)
+            if other != base
+        ]
         return {
-            "causal": False, "window_tokens": window, "global_blocks": 0, "random_blocks": 0,
-            "global_projections": True,
+            "causal": False, "window_tokens": base, "global_blocks": 0, "random_blocks": 0,
+            "global_projections": True, **({"layers": layers} if layers else {}),
         }  # fmt: skip
+
+    @staticmethod
+    def windows(cfg: Config) -> list[int]:
+        """attention_window of the run: each layer's token window."""
+        n = cfg.model.n_layers
+        return [cfg.attention.for_layer(i, n).window_tokens for i in range(n)]
 
     def refusal(self, config: dict[str, Any]) -> str | None:
         act = config.get("hidden_act", "gelu")
         if act != "gelu":
             return f"hidden_act={act!r}: the Longformer MLM head is erf GELU, as must be the blocks"
         window = config.get("attention_window", 512)
-        windows = set(window) if isinstance(window, list) else {window}
-        if len(windows) != 1:
+        windows = window if isinstance(window, list) else [window]
+        if any(not isinstance(w, int) or w <= 0 or w % 2 for w in windows):
+            return f"attention_window={window}: each window must be a positive even integer"
+        if isinstance(window, list) and len(window) != config["num_hidden_layers"]:
             return (
-                f"attention_window={window}: different windows per layer are not imported yet "
-                "(attention.layers could express them)"
+                f"attention_window={window}: one window per layer, and num_hidden_layers="
+                f"{config['num_hidden_layers']}"
             )
-        if next(iter(windows)) % 2:
-            return f"attention_window={window} must be even"
         return super().refusal(config)
 
     def model_values(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -348,33 +374,35 @@ class LongformerConverter(EncoderConverter):
         }
 
     def attention_values(self, config: dict[str, Any]) -> dict[str, Any]:
-        window = config.get("attention_window", 512)
-        return self.pattern(window[0] if isinstance(window, list) else window)
+        return self.pattern(config.get("attention_window", 512))
 
     def accepts(self, cfg: Config) -> bool:
         return cfg.model.position_offset > 0 and not RobertaConverter().accepts(cfg)
 
+    def exports_pattern(self, cfg: Config) -> bool:
+        return True  # check_run refuses a run whose pattern is not Longformer's
+
     def check_run(self, cfg: Config) -> None:
         super().check_run(cfg)
         _check_roberta_like(self.model_type, cfg)
-        a = cfg.attention
-        plain = (
-            a.window_tokens > 0 and a.global_blocks == 0 and a.random_blocks == 0
-            and a.max_dilation == 1 and not a.global_tokens and not a.layers
+        a, n = cfg.attention, cfg.model.n_layers
+        layers = [a.for_layer(i, n) for i in range(n)]
+        plain = not a.global_tokens and all(
+            p.window_tokens > 0 and p.global_blocks == 0 and p.random_blocks == 0
+            and p.max_dilation == 1 for p in layers
         )  # fmt: skip
         if not plain:
             raise ValueError(
-                "this run cannot be written as a Longformer: its pattern must be a token window "
-                "(attention.window_tokens > 0) and per-sample global tokens only (global_blocks=0, "
-                "random_blocks=0, no global_tokens, dilation or per-layer layers)"
+                "this run cannot be written as a Longformer: each layer's pattern must be a token "
+                "window (attention.window_tokens > 0, per layer through attention.layers) and "
+                "per-sample global tokens only (global_blocks=0, random_blocks=0, no "
+                "global_tokens or dilation)"
             )
 
     def hf_config(self, cfg: Config) -> Any:
         from transformers import LongformerConfig
 
-        return LongformerConfig(
-            **_roberta_like_keys(cfg), attention_window=cfg.attention.window_tokens
-        )
+        return LongformerConfig(**_roberta_like_keys(cfg), attention_window=self.windows(cfg))
 
 
 class BigBirdConverter(EncoderConverter):
@@ -411,17 +439,47 @@ class BigBirdConverter(EncoderConverter):
         random_blocks = config.get("num_random_blocks", 3)
         if random_blocks:
             log.warning(
-                "num_random_blocks=%d: halotron draws its own random blocks (seeded by step and "
-                "layer), not HF's numpy draw, so the imported model is HF's function only up to "
-                "which random blocks each query block sees", random_blocks,
+                "num_random_blocks=%d: the imported model is HF's block_sparse function in "
+                "training mode up to which random blocks each query block sees: halotron draws "
+                "its own per head (seeded by attention.seed, step, layer and head, from every "
+                "block outside the window and the global blocks), HF draws with numpy seeded by "
+                "the layer index (the same blocks at every step, among the first 2r+5 blocks), "
+                "and in eval mode HF makes every random block block 0, which it then counts "
+                "twice (no pattern does that)", random_blocks,
             )  # fmt: skip
         return {
             "causal": False, "block_size": config.get("block_size", 64), "window_blocks": 3,
             "window_tokens": 0, "global_blocks": 2, "random_blocks": random_blocks,
+            "random_per_head": True,
         }  # fmt: skip
+
+    def fit_to(self, model, attention, state, seq_len):
+        """HF's BigBirdModel switches block_sparse to original_full at lengths up to
+        (5 + 2 * num_random_blocks) * block_size tokens: so does the import at such a
+        train.seq_len."""
+        if "random_blocks" not in attention:  # original_full
+            return model, attention, state
+        full_up_to = (5 + 2 * attention["random_blocks"]) * attention["block_size"]
+        if seq_len > full_up_to:
+            return model, attention, state
+        log.info(
+            "train.seq_len=%d <= %d: HF BigBird attends fully at this length (it switches "
+            "block_sparse to original_full), and so does the import", seq_len, full_up_to,
+        )  # fmt: skip
+        return model, {"causal": False}, state
 
     def accepts(self, cfg: Config) -> bool:
         return cfg.model.position_offset == 0
+
+    def exports_pattern(self, cfg: Config) -> bool:
+        """HF's block_sparse: a 3-block window, the first and last block global, random blocks
+        (it cannot run without them); its own random draw."""
+        a = cfg.attention
+        return (
+            a.window_blocks == 3 and a.window_tokens == 0 and a.global_blocks == 2
+            and a.random_blocks > 0 and a.max_dilation == 1 and not a.global_tokens
+            and not a.layers and bool(uncovered_layers(cfg))
+        )  # fmt: skip
 
     def check_run(self, cfg: Config) -> None:
         super().check_run(cfg)
@@ -437,18 +495,14 @@ class BigBirdConverter(EncoderConverter):
         from data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
         m, a = cfg.model, cfg.attention
-        block_sparse = (
-            a.window_blocks == 3 and a.window_tokens == 0 and a.global_blocks == 2
-            and a.max_dilation == 1 and not a.global_tokens and not a.layers
-        )  # fmt: skip
-        full = not uncovered_layers(cfg)
+        block_sparse = self.exports_pattern(cfg)
         return BigBirdConfig(
             vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
             num_attention_heads=m.n_heads, intermediate_size=m.hidden,
             hidden_act="gelu_new" if m.mlp == "gelu_tanh" else "gelu",
             max_position_embeddings=m.max_positions, type_vocab_size=max(m.type_vocab_size, 1),
             layer_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-            attention_type="block_sparse" if block_sparse and not full else "original_full",
+            attention_type="block_sparse" if block_sparse else "original_full",
             block_size=a.block_size, num_random_blocks=a.random_blocks,
             pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         )  # fmt: skip

@@ -1,11 +1,13 @@
 """HF RoBERTa / Longformer / BigBird <-> halotron's encoder (model/encoder.py,
 train/hf_encoder.py), with transformers' own forward as the oracle: tiny random masked-LM
-models give the same logits as the converted encoder (full attention, Longformer's window with
-global tokens and global projections, BigBird original_full and block_sparse without random
-blocks); a round trip gives identical tensors; a Longformer imported into a run exports to a
-directory AutoModelForMaskedLM loads with the same logits, and `python -m train --resume`
-continues it (MLM); a RoBERTa imported at a longer train.seq_len becomes a Longformer whose
-positions are copied out.
+models give the same logits as the converted encoder: full attention; Longformer's window with
+global tokens and global projections, one window or one per layer; BigBird original_full, and
+block_sparse (the window and the global blocks alone, and with the random blocks, HF's random
+table replaced by halotron's own draw; full attention at lengths where HF switches to it). A
+round trip gives identical tensors; a Longformer imported into a run exports to a directory
+AutoModelForMaskedLM loads with the same logits, and `python -m train --resume` continues it
+(MLM); a RoBERTa imported at a longer train.seq_len becomes a Longformer whose positions are
+copied out.
 
     python -m pytest -q tests/unit/test_hf_encoder.py
 """
@@ -14,23 +16,36 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model.encoder import Encoder  # noqa: E402
+from model.registry import build_model  # noqa: E402
+from model.sparse_pattern import SparsityConfig  # noqa: E402
+from tests.hf_cases import (  # noqa: E402
+    RUN,
+    SEQ,
+    VOCAB,
+    hf_load,
+    hf_tensors,
+    import_run,
+    logit_diff,
+    run_model,
+    save_random,
+)
+from tests.hf_cases import tokens as any_tokens  # noqa: E402
 from train.checkpoint import CheckpointArgs, CheckpointManager  # noqa: E402
-from train.config import config_from_dict, load_config  # noqa: E402
-from train.export import consolidated_state_dict  # noqa: E402
+from train.config import load_config  # noqa: E402
 from train.hf import CONVERTERS, import_config, main, uncovered_layers  # noqa: E402
-from train.hf_encoder import requested_seq_len  # noqa: E402
+from train.hf_encoder import LongformerConverter, requested_seq_len  # noqa: E402
 
-SEQ = 128
 TINY = dict(
-    vocab_size=512,  # the test corpus tokenizer's (tests/conftest.py)
+    vocab_size=VOCAB,
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -49,53 +64,53 @@ KINDS = {
         dict(max_position_embeddings=SEQ, attention_type="original_full"),
     ),
 }
-RUN = [
-    f"train.seq_len={SEQ}", "attention.block_size=16", "train.micro_batch_size=2",
-    "train.steps=2", "train.eval_batches=1", "logging.wandb_mode=disabled",
-    "logging.progress_bar=false", "data.objective=mlm",
-]  # fmt: skip
+ENCODER_RUN = [*RUN, "attention.block_size=16", "data.objective=mlm"]
+MASKED_LM = transformers.AutoModelForMaskedLM
 
 
 def make_hf(kind: str, out: Path, seed: int = 0, **overrides) -> Path:
     """A random <kind>ForMaskedLM saved in `out`; norm gains and every bias random too."""
     config_cls, defaults = KINDS[kind]
-    torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **defaults, **overrides})
-    model = transformers.AutoModelForMaskedLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                param.add_(0.2 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
+    return save_random(MASKED_LM, config_cls(**{**TINY, **defaults, **overrides}), out, seed)
 
 
 def tokens(batch: int = 2, seq: int = SEQ) -> torch.Tensor:
     # From 4: no pad id (RoBERTa's 1, BigBird's 0), whose HF position is the padding row.
-    return torch.randint(4, 512, (batch, seq), generator=torch.Generator().manual_seed(1))
+    return any_tokens(batch, seq, low=4)
 
 
-def converted(kind: str, hf_dir: Path, tmp: Path, *extra: str) -> tuple[Encoder, object]:
-    """The halotron encoder of the HF model in `hf_dir` (converter + import_config) and cfg."""
-    model, attention, state = CONVERTERS[kind].from_hf(hf_dir)
-    run = [o for o in RUN if o.split("=")[0].split(".")[-1] not in attention]  # fixed: not given
-    cfg = import_config(None, [*run, *extra], {"model": model, "attention": attention}, tmp)
-    encoder = Encoder(cfg.model, cfg.attention)
+def converted(kind: str, hf_dir: Path, tmp: Path, *extra: str) -> tuple[torch.nn.Module, object]:
+    """The halotron encoder of the HF model in `hf_dir` and its cfg, as `python -m train.hf
+    import` builds them (from_hf, fit_to at the run's seq_len, import_config)."""
+    converter = CONVERTERS[kind]
+    model, attention, state = converter.from_hf(hf_dir)
+    run = [*ENCODER_RUN, *extra]
+    seq_len = requested_seq_len(None, run)
+    model, attention, state = converter.fit_to(model, attention, state, seq_len)
+    run = [o for o in run if o.split("=")[0].split(".")[-1] not in attention]  # fixed: not given
+    cfg = import_config(None, run, {"model": model, "attention": attention}, tmp)
+    return encoder_of(cfg, state), cfg
+
+
+def encoder_of(cfg, state: dict[str, torch.Tensor], attention: SparsityConfig | None = None):
+    """The encoder of `cfg` (with `attention` in place of its pattern) holding `state`."""
+    encoder = build_model(cfg.model, attention or cfg.attention)
     encoder.load_state_dict(state, strict=True)
-    return encoder.eval(), cfg
+    return encoder.eval()
 
 
-def max_diff(ours: Encoder, hf_model, ids: torch.Tensor, global_mask=None) -> float:
+def max_diff(ours, hf_model, ids, global_mask=None, padding_mask=None, step: int = 0) -> float:
+    """Max abs logit difference on the real tokens; the models run in the mode they are in
+    (from_pretrained gives eval)."""
     kwargs = {} if global_mask is None else {"global_attention_mask": global_mask.long()}
+    real = torch.ones_like(ids, dtype=torch.bool)
+    if padding_mask is not None:
+        kwargs["attention_mask"] = (~padding_mask).long()
+        real = ~padding_mask
     with torch.no_grad():
-        mine = ours(ids, global_mask_bn=global_mask)
-        theirs = hf_model.eval()(ids, **kwargs).logits
-    assert mine.abs().max() > 1.0  # logits far from flat: the comparison has teeth
-    return float((mine - theirs).abs().max())
-
-
-def hf_load(path: Path):
-    return transformers.AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager")
+        mine = ours(ids, step=step, padding_mask_bn=padding_mask, global_mask_bn=global_mask)
+        theirs = hf_model(ids, **kwargs).logits
+    return logit_diff(mine[real], theirs[real])
 
 
 @pytest.mark.parametrize("kind", ["roberta", "big_bird"])
@@ -103,7 +118,7 @@ def test_full_attention_encoders_give_hf_logits(kind, tmp_path):
     hf_dir = make_hf(kind, tmp_path / "hf")
     ours, cfg = converted(kind, hf_dir, tmp_path / "run")
     assert uncovered_layers(cfg) == [] and not cfg.attention.causal
-    err = max_diff(ours, hf_load(hf_dir), tokens())
+    err = max_diff(ours, hf_load(MASKED_LM, hf_dir), tokens())
     print(f"{kind} full attention: max |logit difference| {err:.2e}")
     assert err < 1e-4, err
 
@@ -116,7 +131,7 @@ def test_longformer_window_global_tokens_and_projections_give_hf_logits(tmp_path
     glob = torch.zeros(2, SEQ, dtype=torch.bool)
     glob[0, [0, 50, 127]] = True
     glob[1, 7] = True
-    hf_model = hf_load(hf_dir)
+    hf_model = hf_load(MASKED_LM, hf_dir)
     err_local = max_diff(ours, hf_model, tokens())
     err_global = max_diff(ours, hf_model, tokens(), glob)
     print(f"longformer window 32: {err_local:.2e}; with global tokens: {err_global:.2e}")
@@ -128,23 +143,155 @@ def test_longformer_window_global_tokens_and_projections_give_hf_logits(tmp_path
     assert max_diff(plain, hf_model, tokens(), glob) > 1e-2
 
 
-def test_bigbird_block_sparse_imports_its_pattern(tmp_path):
-    """HF's block_sparse mode cannot run without random blocks (num_random_blocks=0 fails in
-    its reshape), and in eval its random blocks are all block 0, counted again on top of the
-    global block 0: no union pattern equals it. The import keeps the pattern (block size,
-    3-block window, first and last block global, halotron's own random draw)."""
-    hf_dir = make_hf(
-        "big_bird", tmp_path / "hf", attention_type="block_sparse", block_size=16,
-        num_random_blocks=1,
-    )  # fmt: skip
-    ours, cfg = converted("big_bird", hf_dir, tmp_path / "run")
+def test_longformer_windows_per_layer_give_hf_logits_and_round_trip(tmp_path):
+    """attention_window as a list: the first layer's window is attention.window_tokens, the
+    others attention.layers entries; export writes the list back."""
+    windows = [16, 64, 32]  # HF pads to the widest window: each must divide it
+    hf_dir = make_hf("longformer", tmp_path / "hf", num_hidden_layers=3, attention_window=windows)
+    ours, cfg = converted("longformer", hf_dir, tmp_path / "run")
     a = cfg.attention
-    assert (a.block_size, a.window_blocks, a.global_blocks, a.random_blocks) == (16, 3, 2, 1)
-    assert uncovered_layers(cfg) == [0, 1]  # 8 blocks: really sparse
-    hf_model = hf_load(hf_dir)
-    assert hf_model.config.attention_type == "block_sparse"
-    err = max_diff(ours, hf_model, tokens())
-    print(f"big_bird block_sparse (r=1, eval) vs halotron's pattern: {err:.2e} (not matched)")
+    assert a.window_tokens == 16 and len(a.layers) == 2
+    assert LongformerConverter.windows(cfg) == windows and uncovered_layers(cfg) == [0, 1, 2]
+    glob = torch.zeros(2, SEQ, dtype=torch.bool)
+    glob[0, [0, 50]] = True
+    hf_model = hf_load(MASKED_LM, hf_dir)
+    err = max_diff(ours, hf_model, tokens(), glob)
+    # The windows per layer matter: the first layer's everywhere gives other logits.
+    one_window = encoder_of(cfg, ours.state_dict(), replace(a, layers=()))
+    assert max_diff(one_window, hf_model, tokens(), glob) > 1e-2
+    CONVERTERS["longformer"].to_hf(cfg, ours.state_dict(), tmp_path / "out")
+    exported = hf_load(MASKED_LM, tmp_path / "out")
+    assert exported.config.attention_window == windows
+    want, got = hf_tensors(hf_dir), hf_tensors(tmp_path / "out")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], t) for k, t in want.items())
+    err_export = max_diff(ours, exported, tokens(), glob)
+    print(f"longformer windows {windows}: import {err:.2e}, export {err_export:.2e}")
+    assert err < 1e-4 and err_export < 1e-4, (err, err_export)
+
+
+# BigBird block_sparse: block 8, 2 random blocks per query block, 128 tokens = 16 blocks (HF
+# attends fully up to (5 + 2 * 2) * 8 = 72 tokens); dropout 0, so that HF in training mode
+# differs from eval only by its random draw.
+BLOCK_SPARSE = dict(
+    attention_type="block_sparse", block_size=8, num_random_blocks=2, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def block_sparse(tmp_path_factory):
+    """(HF directory, the imported encoder, its cfg) of a tiny block_sparse BigBird."""
+    tmp = tmp_path_factory.mktemp("big_bird_block_sparse")
+    hf_dir = make_hf("big_bird", tmp / "hf", **BLOCK_SPARSE)
+    ours, cfg = converted("big_bird", hf_dir, tmp / "run")
+    return hf_dir, ours, cfg
+
+
+def hf_random_table(pattern: SparsityConfig, seq_len: int, n_heads: int, layer: int, step: int):
+    """halotron's random draw of `layer` in the format of HF's
+    BigBirdBlockSparseAttention._bigbird_block_rand_mask_with_head: per head, int32
+    [n_blocks - 2, r], the random key blocks of query blocks 1 .. n_blocks - 2 (HF leaves
+    the global first and last rows out)."""
+    table = pattern.random_table(seq_len, n_heads, layer, step).expand(n_heads, -1, -1)
+    assert (table[:, 1:-1] >= 0).all()  # every row has r blocks to draw, as HF's table needs
+    return list(table[:, 1:-1].numpy().astype(np.int32))
+
+
+def inject_random_table(monkeypatch, table_of) -> None:
+    """HF's block-sparse attention takes `table_of(layer, seq_len, n_heads)` as its random
+    table (the attention of layer i has seed=i; seq_len is the padded length)."""
+    from transformers.models.big_bird import modeling_big_bird
+
+    def table(self, from_seq_length, num_heads, **_):
+        return table_of(self.seed, from_seq_length, num_heads)
+
+    cls = modeling_big_bird.BigBirdBlockSparseAttention
+    monkeypatch.setattr(cls, "_bigbird_block_rand_mask_with_head", table)
+
+
+def test_bigbird_block_sparse_window_and_global_blocks_give_hf_logits(block_sparse, monkeypatch):
+    """The 3-block window and the first and last block global, without random blocks. HF cannot
+    run without them (its reshape of the empty random blocks fails), so its random blocks are
+    all one block whose keys are masked (attention_mask 0: they weigh exp(-10000) = 0), and the
+    encoder has random_blocks=0 and that block padded."""
+    hf_dir, ours, cfg = block_sparse
+    a, hole = cfg.attention, 7
+    assert (a.block_size, a.window_blocks, a.global_blocks, a.window_tokens) == (8, 3, 2, 0)
+    inject_random_table(
+        monkeypatch, lambda layer, n, heads: [np.full((n // 8 - 2, 2), hole, np.int32)] * heads
+    )
+    pad = torch.zeros(2, SEQ, dtype=torch.bool)
+    pad[:, hole * 8 : hole * 8 + 8] = True
+    hf_model = hf_load(MASKED_LM, hf_dir)
+    no_random = encoder_of(cfg, ours.state_dict(), replace(a, random_blocks=0))
+    err = max_diff(no_random, hf_model, tokens(), padding_mask=pad)
+    print(f"big_bird block_sparse, window and global blocks: max |logit difference| {err:.2e}")
+    assert err < 1e-4, err
+    # Each part matters: a wider window, the last block not global, random blocks.
+    for other in ({"window_blocks": 5}, {"global_blocks": 1}, {"random_blocks": 2}):
+        changed = encoder_of(cfg, ours.state_dict(), replace(a, **{"random_blocks": 0, **other}))
+        assert max_diff(changed, hf_model, tokens(), padding_mask=pad) > 1e-2, other
+
+
+def test_bigbird_block_sparse_gives_hf_logits_given_the_random_blocks(block_sparse, monkeypatch):
+    """HF in training mode (dropout 0) with halotron's own random draw of each layer and head
+    as its random table: HF's block-sparse arithmetic is the oracle, only the choice of the
+    random blocks is injected. 128 tokens, 123 (HF pads to 128; the encoder's last block is
+    partial) and a padded batch."""
+    hf_dir, ours, cfg = block_sparse
+    a, n_layers = cfg.attention, cfg.model.n_layers
+    assert a.random_blocks == 2 and a.random_per_head and uncovered_layers(cfg) == [0, 1]
+    hf_model = hf_load(MASKED_LM, hf_dir).train()
+    # HF's own draw is a pattern of the same kind: per row, distinct blocks outside the window
+    # and the global blocks (only its choice differs from halotron's).
+    own = hf_model.bert.encoder.layer[0].attention.self
+    plan = own._get_rand_attn_plan(SEQ, 8, 2)
+    drawn = own._bigbird_block_rand_mask_with_head(
+        from_seq_length=SEQ, to_seq_length=SEQ, from_block_size=8, to_block_size=8,
+        num_heads=4, plan_from_length=plan[0], plan_num_rand_blocks=plan[1],
+    )  # fmt: skip
+    for row, blocks in enumerate(np.stack(drawn).transpose(1, 0, 2), start=1):
+        outside = set(range(16)) - {0, 15, row - 1, row, row + 1}
+        assert all(len(set(b)) == 2 and set(b) <= outside for b in blocks), (row, blocks)
+
+    step = 0
+    inject_random_table(
+        monkeypatch,
+        lambda layer, n, heads: hf_random_table(
+            a.for_layer(layer, n_layers), n, heads, layer, step
+        ),
+    )
+    pad = torch.zeros(2, SEQ, dtype=torch.bool)
+    pad[1, -40:] = True
+    pad[0, :8] = True
+    errs = {
+        "128 tokens": max_diff(ours, hf_model, tokens()),
+        "123 tokens": max_diff(ours, hf_model, tokens(seq=123)),
+        "padded": max_diff(ours, hf_model, tokens().masked_fill(pad, 0), padding_mask=pad),
+    }
+    print(f"big_bird block_sparse with halotron's random blocks: {errs}")
+    assert max(errs.values()) < 1e-4, errs
+    step = 1  # HF gets the draw of another step: the random blocks matter
+    assert max_diff(ours, hf_model, tokens()) > 1e-2
+
+
+def test_bigbird_block_sparse_round_trip_and_short_sequences(block_sparse, tmp_path):
+    """Export writes block_sparse back (block size, num_random_blocks); at train.seq_len <= 72
+    tokens, where HF attends fully, the import is full attention and gives HF's logits."""
+    hf_dir, ours, cfg = block_sparse
+    CONVERTERS["big_bird"].to_hf(cfg, ours.state_dict(), tmp_path / "out")
+    config = hf_load(MASKED_LM, tmp_path / "out").config
+    assert config.attention_type == "block_sparse"
+    assert (config.block_size, config.num_random_blocks) == (8, 2)
+    want, got = hf_tensors(hf_dir), hf_tensors(tmp_path / "out")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], t) for k, t in want.items())
+    short, short_cfg = converted("big_bird", hf_dir, tmp_path / "run", "train.seq_len=72")
+    assert uncovered_layers(short_cfg) == [] and short_cfg.attention.random_blocks == 0
+    hf_model = hf_load(MASKED_LM, hf_dir)
+    err = max_diff(short, hf_model, tokens(seq=72))
+    assert hf_model.bert.attention_type == "original_full"  # HF switched
+    print(f"big_bird block_sparse at 72 tokens (HF: original_full): {err:.2e}")
+    assert err < 1e-4, err
 
 
 @pytest.mark.parametrize("kind", ["roberta", "longformer", "big_bird"])
@@ -154,23 +301,13 @@ def test_padding_gives_hf_logits_on_the_real_tokens(kind, tmp_path):
     position_ids (BigBird's count every token from 0)."""
     hf_dir = make_hf(kind, tmp_path / "hf")
     ours, _ = converted(kind, hf_dir, tmp_path / "run")
-    ids = tokens()
     pad = torch.zeros(2, SEQ, dtype=torch.bool)
     pad[1, -40:] = True  # right padding
     pad[0, :8] = True  # left padding: HF's positions start after it
-    ids = ids.masked_fill(pad, 0 if kind == "big_bird" else 1)  # the pad id
-    with torch.no_grad():
-        mine = ours(ids, padding_mask_bn=pad)
-        theirs = hf_load(hf_dir).eval()(ids, attention_mask=(~pad).long()).logits
-    err = float((mine - theirs)[~pad].abs().max())
+    ids = tokens().masked_fill(pad, 0 if kind == "big_bird" else 1)  # the pad id
+    err = max_diff(ours, hf_load(MASKED_LM, hf_dir), ids, padding_mask=pad)
     print(f"{kind} with padding: max |logit difference| on real tokens {err:.2e}")
     assert err < 1e-4, err
-
-
-def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(hf_dir / "model.safetensors"))
 
 
 @pytest.mark.parametrize("kind", ["roberta", "longformer", "big_bird"])
@@ -178,28 +315,19 @@ def test_round_trip_gives_identical_tensors(kind, tmp_path):
     hf_dir = make_hf(kind, tmp_path / "hf")
     ours, cfg = converted(kind, hf_dir, tmp_path / "run")
     CONVERTERS[kind].to_hf(cfg, ours.state_dict(), tmp_path / "out")
-    want, got = _tensors(hf_dir), _tensors(tmp_path / "out")
+    want, got = hf_tensors(hf_dir), hf_tensors(tmp_path / "out")
     assert want.keys() == got.keys()
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
-    assert max_diff(ours, hf_load(tmp_path / "out"), tokens()) < 1e-4
+    assert max_diff(ours, hf_load(MASKED_LM, tmp_path / "out"), tokens()) < 1e-4
 
 
 @pytest.fixture(scope="module")
 def longformer_run(tiny_mlm_data, tmp_path_factory) -> tuple[Path, Path]:
     hf_dir = make_hf("longformer", tmp_path_factory.mktemp("hf_longformer"))
     run = tmp_path_factory.mktemp("imported") / "run"
-    args = ["import", "--hf-dir", str(hf_dir), "--out", str(run), *RUN]
-    assert main([*args, f"data.path={tiny_mlm_data}"]) == 0
+    assert import_run(hf_dir, run, tiny_mlm_data, *ENCODER_RUN) == 0
     return hf_dir, run
-
-
-def halotron_model(run_dir: Path) -> Encoder:
-    state_dict, config = consolidated_state_dict(run_dir)
-    cfg = config_from_dict(config)
-    model = Encoder(cfg.model, cfg.attention)
-    model.load_state_dict(state_dict)
-    return model.eval()
 
 
 def test_import_export_and_resume_of_a_longformer(longformer_run, tmp_path):
@@ -212,11 +340,11 @@ def test_import_export_and_resume_of_a_longformer(longformer_run, tmp_path):
     assert cfg.model.arch == "encoder" and cfg.attention.global_projections
     glob = torch.zeros(2, SEQ, dtype=torch.bool)
     glob[:, 0] = True
-    model = halotron_model(run_dir)
-    assert max_diff(model, hf_load(hf_dir), tokens(), glob) < 1e-4
+    model = run_model(run_dir)
+    assert max_diff(model, hf_load(MASKED_LM, hf_dir), tokens(), glob) < 1e-4
     out = tmp_path / "hf_out"
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
-    exported = hf_load(out)
+    exported = hf_load(MASKED_LM, out)
     assert exported.config.model_type == "longformer"
     err = max_diff(model, exported, tokens(), glob)
     print(f"longformer export: max |logit difference| {err:.2e}")
@@ -234,34 +362,25 @@ def test_import_export_and_resume_of_a_longformer(longformer_run, tmp_path):
 def test_roberta_at_a_longer_seq_len_becomes_a_longformer(tmp_path):
     hf_dir = make_hf("roberta", tmp_path / "hf", max_position_embeddings=SEQ // 2 + 2)
     model, attention, state = CONVERTERS["roberta"].from_hf(hf_dir)
-    assert requested_seq_len(None, RUN) == SEQ  # what python -m train.hf import passes
+    assert requested_seq_len(None, ENCODER_RUN) == SEQ  # what python -m train.hf import passes
     model, attention, state = CONVERTERS["roberta"].fit_to(model, attention, state, SEQ)
     assert model["max_positions"] == SEQ + 2 and attention["window_tokens"] == SEQ // 2
     assert attention["global_projections"]
     pos = state["pos_embed.weight"]
-    old = _tensors(hf_dir)["roberta.embeddings.position_embeddings.weight"]
+    old = hf_tensors(hf_dir)["roberta.embeddings.position_embeddings.weight"]
     assert torch.equal(pos[:2], old[:2])
     assert torch.equal(pos[2 : SEQ // 2 + 2], old[2:]) and torch.equal(pos[SEQ // 2 + 2 :], old[2:])
-    cfg = import_config(None, RUN, {"model": model, "attention": attention}, tmp_path / "run")
-    ours = Encoder(cfg.model, cfg.attention)
-    ours.load_state_dict(state, strict=True)
+    fixed = {"model": model, "attention": attention}
+    cfg = import_config(None, ENCODER_RUN, fixed, tmp_path / "run")
+    ours = encoder_of(cfg, state)
     exports = [c for c, conv in CONVERTERS.items() if conv.arch == "encoder" and conv.accepts(cfg)]
     assert exports == ["longformer"]
     CONVERTERS["longformer"].to_hf(cfg, ours.state_dict(), tmp_path / "out")
     glob = torch.zeros(2, SEQ, dtype=torch.bool)
     glob[:, 0] = True
-    err = max_diff(ours.eval(), hf_load(tmp_path / "out"), tokens(), glob)
+    err = max_diff(ours, hf_load(MASKED_LM, tmp_path / "out"), tokens(), glob)
     print(f"roberta -> longformer export: max |logit difference| {err:.2e}")
     assert err < 1e-4, err
-
-
-def test_the_encoder_refuses_parallel_layouts_at_load(tmp_path):
-    model, attention, _ = CONVERTERS["roberta"].from_hf(make_hf("roberta", tmp_path / "hf"))
-    fixed = {"model": model, "attention": attention}
-    with pytest.raises(ValueError, match="parallel.tp=2: model.arch=encoder runs in one process"):
-        import_config(None, [*RUN, "parallel.tp=2"], fixed, tmp_path / "run")
-    with pytest.raises(ValueError, match="model.max_positions=130 is too few"):
-        import_config(None, [*RUN, "train.seq_len=256"], fixed, tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -270,7 +389,8 @@ def test_the_encoder_refuses_parallel_layouts_at_load(tmp_path):
         ("big_bird", {"rescale_embeddings": True}, "rescale_embeddings=true"),
         ("big_bird", {"use_bias": False}, "use_bias=false"),
         ("roberta", {"hidden_act": "relu"}, "hidden_act='relu'"),
-        ("longformer", {"attention_window": [32, 64]}, "attention_window=[32, 64]"),
+        ("longformer", {"attention_window": [32, 33]}, "attention_window=[32, 33]: each window"),
+        ("longformer", {"attention_window": [32, 64, 32]}, "one window per layer"),
         ("roberta", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
     ],
 )

@@ -24,16 +24,26 @@ transformers = pytest.importorskip("transformers")
 
 from data.tokenizer import Tokenizer  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
+from tests.hf_cases import (  # noqa: E402
+    RUN,
+    SEQ,
+    VOCAB,
+    hf_load,
+    hf_tensors,
+    import_run,
+    logit_diff,
+    run_model,
+    save_random,
+    tokens,
+)
 from train.checkpoint import CheckpointArgs, CheckpointManager  # noqa: E402
-from train.config import config_from_dict, load_config  # noqa: E402
-from train.export import consolidated_state_dict  # noqa: E402
+from train.config import load_config  # noqa: E402
 from train.hf import import_config, main, uncovered_layers  # noqa: E402
 from train.hf_common import TOKENIZER_CHECK_TEXT  # noqa: E402
 from train.hf_llama import LlamaConverter  # noqa: E402
 
-SEQ = 128
 LLAMA = dict(
-    vocab_size=512,  # the test corpus tokenizer's (tests/conftest.py)
+    vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=160,
     num_hidden_layers=2,
@@ -43,47 +53,23 @@ LLAMA = dict(
     rms_norm_eps=1e-6,  # likewise
     initializer_range=0.1,  # logits up to ~4: without the RoPE row permutation they differ by 3
 )
-RUN = [
-    f"train.seq_len={SEQ}", "attention.block_size=32", "train.micro_batch_size=2",
-    "train.steps=2", "train.eval_batches=1", "logging.wandb_mode=disabled",
-    "logging.progress_bar=false",
-]  # fmt: skip
+LLAMA_RUN = [*RUN, "attention.block_size=32"]
+CAUSAL_LM = transformers.AutoModelForCausalLM
 
 
 def make_llama(out: Path, seed: int = 0, **overrides) -> Path:
     """A random LlamaForCausalLM saved in `out` (norm gains random too)."""
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.2 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
+    return save_random(CAUSAL_LM, transformers.LlamaConfig(**{**LLAMA, **overrides}), out, seed)
 
 
-def import_run(hf_dir: Path, run_dir: Path, data: Path, *extra: str) -> int:
-    return main(["import", "--hf-dir", str(hf_dir), "--out", str(run_dir), *RUN,
-                 f"data.path={data}", *extra])  # fmt: skip
-
-
-def halotron_model(run_dir: Path) -> Transformer:
-    """The run's newest checkpoint in the single-process model (train.export)."""
-    state_dict, config = consolidated_state_dict(run_dir)
-    cfg = config_from_dict(config)
-    model = Transformer(cfg.model, cfg.attention)
-    model.load_state_dict(state_dict)
-    return model.eval()
+def import_llama(hf_dir: Path, run_dir: Path, data: Path, *extra: str) -> int:
+    return import_run(hf_dir, run_dir, data, *LLAMA_RUN, *extra)
 
 
 def max_logit_diff(model: Transformer, hf_model) -> float:
-    tokens = torch.randint(
-        0, LLAMA["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(1)
-    )
+    ids = tokens()
     with torch.no_grad():
-        ours, theirs = model(tokens), hf_model.eval()(tokens).logits
-    assert ours.abs().max() > 1.0  # logits far from flat: the comparison has teeth
-    return float((ours - theirs).abs().max())
+        return logit_diff(model(ids), hf_model.eval()(ids).logits)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +80,7 @@ def hf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(hf_dir, tiny_prepared_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("imported") / "run"
-    assert import_run(hf_dir, run, tiny_prepared_data) == 0
+    assert import_llama(hf_dir, run, tiny_prepared_data) == 0
     return run
 
 
@@ -113,27 +99,21 @@ def test_import_writes_a_step_0_run_with_hf_logits(hf_dir, run_dir):
     assert cfg.train.run_dir == str(run_dir) and cfg.model.norm_eps == 1e-6
     assert cfg.model.rope_theta == 5e5 and not cfg.model.tie_embeddings
     assert uncovered_layers(cfg) == []  # full causal attention
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
-    err = max_logit_diff(halotron_model(run_dir), hf_model)
+    hf_model = hf_load(CAUSAL_LM, hf_dir)
+    err = max_logit_diff(run_model(run_dir), hf_model)
     print(f"import: max |logit difference| {err:.2e}")
     assert err < 1e-4, err
 
 
 def test_export_loads_with_from_pretrained_and_gives_the_runs_logits(run_dir, exported):
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(exported, attn_implementation="eager")
-    err = max_logit_diff(halotron_model(run_dir), hf_model)
+    hf_model = hf_load(CAUSAL_LM, exported)
+    err = max_logit_diff(run_model(run_dir), hf_model)
     print(f"export: max |logit difference| {err:.2e}")
     assert err < 1e-4, err
 
 
-def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(hf_dir / "model.safetensors"))
-
-
 def test_round_trip_gives_identical_tensors(hf_dir, exported):
-    want, got = _tensors(hf_dir), _tensors(exported)
+    want, got = hf_tensors(hf_dir), hf_tensors(exported)
     assert want.keys() == got.keys()
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
@@ -147,15 +127,13 @@ def test_tied_embeddings_round_trip(tmp_path):
     converter = LlamaConverter()
     model, attention, state = converter.from_hf(hf_dir)
     assert model["tie_embeddings"] and state["lm_head.weight"] is state["embed.weight"]
-    cfg = import_config(None, RUN, {"model": model, "attention": attention}, tmp_path / "run")
+    cfg = import_config(None, LLAMA_RUN, {"model": model, "attention": attention}, tmp_path / "run")
     ours = Transformer(cfg.model, cfg.attention)
     ours.load_state_dict(state)
     converter.to_hf(cfg, state, tmp_path / "out")
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path / "out", attn_implementation="eager"
-    )
+    hf_model = hf_load(CAUSAL_LM, tmp_path / "out")
     assert hf_model.config.tie_word_embeddings
-    want, got = _tensors(hf_dir), _tensors(tmp_path / "out")
+    want, got = hf_tensors(hf_dir), hf_tensors(tmp_path / "out")
     assert want.keys() == got.keys() and "lm_head.weight" not in got
     assert all(torch.equal(got[k], t) for k, t in want.items())
     assert max_logit_diff(ours.eval(), hf_model) < 1e-4
@@ -195,7 +173,7 @@ def _config_only(tmp_path: Path, **overrides) -> Path:
 )
 def test_what_is_not_exact_is_refused_naming_the_key(tmp_path, capsys, overrides, says):
     hf_dir = _config_only(tmp_path / "hf", **overrides)
-    assert import_run(hf_dir, tmp_path / "run", tmp_path / "no_data") == 2
+    assert import_llama(hf_dir, tmp_path / "run", tmp_path / "no_data") == 2
     err = capsys.readouterr().err
     assert f"cannot convert {hf_dir} exactly: config.json has" in err and says in err, err
     assert not (tmp_path / "run").exists()
@@ -204,16 +182,16 @@ def test_what_is_not_exact_is_refused_naming_the_key(tmp_path, capsys, overrides
 def test_unknown_types_and_fixed_keys_are_refused(tmp_path, capsys, hf_dir, run_dir):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert import_run(tmp_path / "gpt2", tmp_path / "run", tmp_path) == 2
+    assert import_llama(tmp_path / "gpt2", tmp_path / "run", tmp_path) == 2
     known = "big_bird, llama, longformer, roberta"
     assert f"HF model_type='gpt2' has no converter; known model types: {known}" in (
         capsys.readouterr().err
     )
-    assert import_run(hf_dir, tmp_path / "run", tmp_path, "model.d_model=128") == 2
+    assert import_llama(hf_dir, tmp_path / "run", tmp_path, "model.d_model=128") == 2
     assert "model.d_model cannot be overridden: the HF checkpoint fixes it (d_model=64)" in (
         capsys.readouterr().err
     )
-    assert import_run(hf_dir, run_dir, tmp_path) == 2
+    assert import_llama(hf_dir, run_dir, tmp_path) == 2
     assert "already holds checkpoints (newest step 0): import into a new directory" in (
         capsys.readouterr().err
     )
@@ -221,9 +199,9 @@ def test_unknown_types_and_fixed_keys_are_refused(tmp_path, capsys, hf_dir, run_
 
 def test_a_recipe_pattern_is_kept_and_full_attention_is_the_default(hf_dir, tmp_path):
     fixed = {"model": LlamaConverter().from_hf(hf_dir)[0], "attention": {"causal": True}}
-    sparse = import_config(None, [*RUN, "attention.window_blocks=2"], fixed, tmp_path)
+    sparse = import_config(None, [*LLAMA_RUN, "attention.window_blocks=2"], fixed, tmp_path)
     assert sparse.attention.window_blocks == 2 and uncovered_layers(sparse) == [0, 1]
-    full = import_config(None, [*RUN, "attention.block_size=16"], fixed, tmp_path)
+    full = import_config(None, [*LLAMA_RUN, "attention.block_size=16"], fixed, tmp_path)
     assert full.attention.window_blocks == SEQ // 16 and uncovered_layers(full) == []
 
 
