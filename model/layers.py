@@ -27,23 +27,23 @@ class Linears(Protocol):
 
     tp_size: int
 
-    def column(self, in_features: int, out_features: int) -> nn.Module: ...
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module: ...
 
-    def row(self, in_features: int, out_features: int) -> nn.Module: ...
+    def row(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module: ...
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module: ...
 
 
 class LocalLinears:
-    """Single-device layers: bias-free nn.Linear and nn.Embedding."""
+    """Single-device layers: nn.Linear (bias-free unless asked) and nn.Embedding."""
 
     tp_size = 1
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
 
-    def row(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+    def row(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return nn.Embedding(vocab_size, dim)
@@ -65,16 +65,18 @@ class RMSNorm(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU (gate and up projections, silu) or GELU ("gelu": erf; "gelu_tanh": the tanh
-    approximation) feed-forward block."""
+    approximation) feed-forward block; `bias`: both projections with a bias (BERT's)."""
 
-    def __init__(self, d_model: int, hidden: int, kind: str, linears: Linears) -> None:
+    def __init__(
+        self, d_model: int, hidden: int, kind: str, linears: Linears, bias: bool = False
+    ) -> None:
         super().__init__()
         self.kind = kind
         # SwiGLU's gate and up projections form one column layer (as in Megatron-core); a TP
         # implementation must keep each rank's shard laid out as [gate | up].
         width = 2 * hidden if kind == "swiglu" else hidden
-        self.up = linears.column(d_model, width)
-        self.down = linears.row(hidden, d_model)
+        self.up = linears.column(d_model, width, bias=bias)
+        self.down = linears.row(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)

@@ -8,7 +8,8 @@ An architecture is a single-device nn.Module class constructed as
 of checkpoints expects (train.model_space), plus, to run under tp / pp, the parallelize step
 that parallel.parallelize applies to it. Today: the decoder-only "transformer"
 (RoPE, RMSNorm, SwiGLU or GELU; model/transformer.py), and the HF RoBERTa / Longformer /
-BigBird-shaped "encoder" with an MLM head (model/encoder.py; one process only so far).
+BigBird-shaped "encoder" with an MLM head (model/encoder.py). Both are
+model.transformer.ModelBase, which is what parallel.parallelize splits.
 `model.arch` in a recipe chooses.
 """
 

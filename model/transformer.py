@@ -30,7 +30,10 @@ from model.layers import MLP, Linears, LocalLinears, RMSNorm
 from model.rope import apply_rope
 from model.sparse import SparsityConfig
 
-__all__ = ["ModelArgs", "Transformer", "lm_loss", "run_blocks", "AttentionFn"]
+__all__ = [
+    "ModelArgs", "ModelBase", "Transformer", "lm_loss", "run_blocks", "AttentionFn",
+    "token_embedding",
+]  # fmt: skip
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -132,6 +135,11 @@ def fused_attention(device_type: str) -> bool:
 
 
 class Attention(nn.Module):
+    """Multi-head attention through `attention_fn`: one fused [q | k | v] projection (and with
+    attention.global_projections a second one for the global queries, keys and values), q and k
+    rotated with RoPE (`rope`, the decoder) or not (the encoder, whose positions are learned
+    embeddings), the output projection; `bias`: the projections carry biases (BERT's)."""
+
     def __init__(
         self,
         args: ModelArgs,
@@ -139,6 +147,8 @@ class Attention(nn.Module):
         attention_fn: AttentionFn,
         layer: int,
         linears: Linears,
+        rope: bool = True,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if args.n_heads % linears.tp_size:
@@ -148,15 +158,16 @@ class Attention(nn.Module):
             )
         self.local_heads = args.n_heads // linears.tp_size
         self.head_dim = args.head_dim
-        self.rope_theta = args.rope_theta
+        self.rope_theta = args.rope_theta if rope else None
         self.attn_cfg = attn_cfg
         self.attention_fn = attention_fn
         self.layer = layer
-        self.qkv = linears.column(args.d_model, 3 * args.d_model)
-        self.out = linears.row(args.d_model, args.d_model)
+        c = args.d_model
+        self.qkv = linears.column(c, 3 * c, bias=bias)
+        self.out = linears.row(c, c, bias=bias)
         # Longformer's query_global / key_global / value_global (attention.global_projections)
         self.qkv_global = (
-            linears.column(args.d_model, 3 * args.d_model) if attn_cfg.global_projections else None
+            linears.column(c, 3 * c, bias=bias) if attn_cfg.global_projections else None
         )
 
     def forward(
@@ -194,15 +205,16 @@ class Attention(nn.Module):
         return self.out(o_bhnd.transpose(1, 2).reshape(b, n, -1))
 
     def _project(self, linear: nn.Module, x_bnc: torch.Tensor, position_ids_bn: torch.Tensor):
-        """(q, k, v) [b, h, n, d] of one fused projection, q and k rotated."""
+        """(q, k, v) [b, h, n, d] of one fused projection, q and k rotated (with RoPE)."""
         qkv = linear(x_bnc)
         # n from the projection: under Megatron's sequence parallelism x is this tensor-parallel
         # rank's 1/tp of the sequence and the column projection all-gathers it.
         b, n, _ = qkv.shape
         qkv = qkv.view(b, n, 3, self.local_heads, self.head_dim)
         q_bhnd, k_bhnd, v_bhnd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
-        k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)
+        if self.rope_theta is not None:
+            q_bhnd = apply_rope(q_bhnd, position_ids_bn, self.rope_theta)
+            k_bhnd = apply_rope(k_bhnd, position_ids_bn, self.rope_theta)
         return (q_bhnd, k_bhnd, v_bhnd)
 
     def _attend(self, qkv, step, padding_mask_bn, global_mask_bn) -> torch.Tensor:
@@ -239,7 +251,59 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Transformer(nn.Module):
+class ModelBase(nn.Module):
+    """What every architecture (model.registry) shares and what parallel.parallelize reads of it:
+    `args`, the blocks (`blocks`, each with an `attn` Attention), the modules of the first and
+    the last pipeline stage, and an initialisation that is a pure function of (args, seed), one
+    parameter at a time (`initial_values`), so that a model built on the meta device can be
+    filled shard by shard."""
+
+    args: ModelArgs
+    attn_cfg: SparsityConfig
+    embed: nn.Module | None
+    lm_head: nn.Module | None
+    blocks: nn.ModuleList | nn.ModuleDict
+    split_sequence: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Under sequence parallelism, for a model that `sums_embeddings`: this tp rank's shard of
+    the embeddings' sum (set by parallel.parallelize); None: the whole sequence stays."""
+    first_stage: tuple[str, ...] = ()
+    """Modules only the first pipeline stage keeps (None on the others: the input is then the
+    previous stage's hidden states)."""
+    last_stage: tuple[str, ...] = ()
+    """Modules only the last pipeline stage keeps (None on the others, which return the hidden
+    states); the forward returns the hidden states when `lm_head` is None."""
+    whole_sequence: tuple[str, ...] = ()
+    """Modules whose replicated parameters see the whole sequence under sequence parallelism
+    (they run before the model enters the sequence-parallel region): their gradients are
+    complete on every tp rank, unlike those of the norms that see one shard."""
+    sums_embeddings = False
+    """The first stage adds more than the word embedding (learned positions) before the
+    sequence is split over tp ranks: under sequence parallelism the embedding then all-reduces
+    and the model splits the sum with its `split_sequence` (Megatron's rule), instead of the
+    embedding reduce-scattering its output."""
+
+    def initial_values(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, initial value) of every parameter (parameter_shapes), one at a time, drawn
+        on CPU from `seed` alone."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        if any(p.is_meta for p in self.parameters()):
+            return  # built on the meta device: parallel.parallelize fills each rank's shard
+        params = dict(self.named_parameters())
+        for name, value in self.initial_values(seed):
+            params[name].copy_(value)
+
+    def parameter_shapes(self) -> list[tuple[str, torch.Size]]:
+        """(name, shape) of every parameter, in order (a tied LM head is the embedding)."""
+        return [(name, param.shape) for name, param in self.named_parameters()]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Transformer(ModelBase):
     """Token embedding, `n_layers` pre-norm blocks, final norm, LM head (optionally tied).
 
     `seed` makes the initialisation a pure function of (args, seed), independent of the global
@@ -248,6 +312,8 @@ class Transformer(nn.Module):
 
     # Projections that write into the residual stream get the depth-scaled init.
     _residual_outputs = ("attn.out.weight", "mlp.down.weight")
+    first_stage = ("embed", "etc")
+    last_stage = ("norm", "lm_head")
 
     def __init__(
         self,
@@ -274,7 +340,7 @@ class Transformer(nn.Module):
         self.etc: nn.Parameter | None = None
         if attn_cfg.etc_tokens:
             self.etc = nn.Parameter(torch.empty(attn_cfg.etc_tokens, args.d_model))
-        self.blocks: nn.ModuleList | nn.ModuleDict = nn.ModuleList(
+        self.blocks = nn.ModuleList(
             Block(args, attn_cfg.for_layer(i, args.n_layers), attention_fn, i, linears)
             for i in range(args.n_layers)
         )
@@ -284,17 +350,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             lm_head.weight = embed.weight
 
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        if any(p.is_meta for p in self.parameters()):
-            return  # built on the meta device: parallel.parallelize fills each rank's shard
-        params = dict(self.named_parameters())
-        for name, value in initial_values(self.args, self.parameter_shapes(), seed):
-            params[name].copy_(value)
-
-    def parameter_shapes(self) -> list[tuple[str, torch.Size]]:
-        """(name, shape) of every parameter, in order (a tied LM head is the embedding)."""
-        return [(name, param.shape) for name, param in self.named_parameters()]
+    def initial_values(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        return initial_values(self.args, self.parameter_shapes(), seed)
 
     def forward(
         self,
@@ -314,7 +371,7 @@ class Transformer(nn.Module):
             position_ids_bn = position_ids_bn.expand_as(tokens_bn)
         # A later pipeline stage (parallel.parallelize) has no embedding: its input is the
         # previous stage's hidden states [b, n, c]; all but the last return theirs.
-        x = tokens_bn if self.embed is None else self._embed(tokens_bn)
+        x = tokens_bn if self.embed is None else token_embedding(self.embed, self.etc, tokens_bn)
         x = run_blocks(
             self.blocks, x, position_ids_bn, step, padding_mask_bn, self.args.recompute,
             global_mask_bn,
@@ -323,20 +380,21 @@ class Transformer(nn.Module):
             return x
         return self.lm_head(self.norm(x)).float()
 
-    def _embed(self, tokens_bn: torch.Tensor) -> torch.Tensor:
-        assert self.embed is not None
-        if self.etc is None:
-            return self.embed(tokens_bn)
-        slot = tokens_bn < 0  # ETC slot e holds the id -1 - e
-        x = self.embed(tokens_bn.clamp(min=0))
-        # A one-hot product, not an index: its backward is a matmul, the same sum in every
-        # run (an index's accumulating scatter of the many zero gradients is not).
-        one_hot = F.one_hot((-1 - tokens_bn).clamp(min=0), self.etc.shape[0]) * slot[..., None]
-        etc = one_hot.to(self.etc.dtype) @ self.etc
-        return torch.where(slot.unsqueeze(-1), etc.to(x.dtype), x)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+def token_embedding(
+    embed: nn.Module, etc: nn.Parameter | None, tokens_bn: torch.Tensor
+) -> torch.Tensor:
+    """The word embedding of `tokens_bn` [b, n, c], with the learned ETC vectors `etc` [e, c]
+    (attention.etc_tokens) in the slots the data pipeline marked with the ids -1 ... -e."""
+    if etc is None:
+        return embed(tokens_bn)
+    slot = tokens_bn < 0  # ETC slot e holds the id -1 - e
+    x = embed(tokens_bn.clamp(min=0))
+    # A one-hot product, not an index: its backward is a matmul, the same sum in every run
+    # (an index's accumulating scatter of the many zero gradients is not).
+    one_hot = F.one_hot((-1 - tokens_bn).clamp(min=0), etc.shape[0]) * slot[..., None]
+    vectors = one_hot.to(etc.dtype) @ etc
+    return torch.where(slot.unsqueeze(-1), vectors.to(x.dtype), x)
 
 
 def initial_values(
@@ -359,7 +417,7 @@ def initial_values(
 def run_blocks(
     blocks: nn.ModuleList | nn.ModuleDict,
     x: torch.Tensor,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     step: int,
     padding_mask: torch.Tensor | None,
     recompute: bool,

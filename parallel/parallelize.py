@@ -1,17 +1,21 @@
 """Tensor, pipeline and context parallelism applied to the single-device model.
 
     from parallel.parallelize import parallelize
-    stage = parallelize(Transformer(args, attn_cfg, seed=0), layout, groups)   # this rank's
+    stage = parallelize(build_model(args, attn_cfg, seed=0), layout, groups)   # this rank's
     logits_local = stage(tokens_bn, position_ids_bn, step=0)       # last stage: [b, n, V/tp]
 
-The model is defined once (model/transformer.py, registered in model.registry); this module
-turns one instance into this rank's pipeline stage, the split torchtitan makes between a
-model.py and its parallelize.py:
+Each architecture is defined once (model/transformer.py's decoder, model/encoder.py's
+encoder, registered in model.registry; both model.transformer.ModelBase); this module turns
+one instance into this rank's pipeline stage, the split torchtitan makes between a model.py
+and its parallelize.py:
 1. pipeline: the blocks of this stage stay (a ModuleDict keyed by their global index, so the
-   parameter names are the single-process ones), the embedding only on the first stage, the
-   final norm and LM head only on the last;
-2. tensor: each projection named in TP_PLAN is replaced by its Megatron-core tensor-parallel
-   layer (parallel.tensor_parallel) holding this tp rank's slice of the original weight;
+   parameter names are the single-process ones), the model's `first_stage` modules (the
+   embeddings) only on the first stage, its `last_stage` ones (final norm or MLM head, LM head)
+   only on the last;
+2. tensor: each projection named in parallel.tp_plan.TP_PLAN is replaced by its Megatron-core
+   tensor-parallel layer (parallel.tensor_parallel) holding this tp rank's slice of the
+   original weight (and bias); with sequence parallelism a model that adds learned positions
+   to the word embedding (`sums_embeddings`) gets `split_sequence` for the sum;
 3. context: with cp > 1 every attention computes with cp_sparse_attention on the cp group.
 `ParallelStage` wraps the result for Megatron's schedules: `set_input_tensor` (a later stage's
 input, [n, b, c]), `config`, `model_type`, the tied embedding's bookkeeping, and the map from
@@ -30,28 +34,21 @@ import torch
 from megatron.core.enums import ModelType
 from torch import nn
 
-from model.layers import RMSNorm
 from model.sparse import SparsityConfig
-from model.transformer import Block, ModelArgs, Transformer, initial_values
+from model.transformer import Attention, ModelArgs, ModelBase
 from parallel.context_parallel import cp_sparse_attention
 from parallel.layout import Layout, ParallelGroups
-from parallel.tensor_parallel import MegatronLinears, _split_view, megatron_config, shard_param
+from parallel.tensor_parallel import (
+    MegatronLinears,
+    full_shape,
+    megatron_config,
+    shard_param,
+    split_sequence,
+)
+from parallel.tp_plan import TP_PLAN, is_vocab, split_view, tp_kind
 from parallel.traffic import TrafficCounter
 
 __all__ = ["TP_PLAN", "ParallelStage", "parallelize"]
-
-TP_PLAN = {
-    "attn.qkv": "column",
-    "attn.qkv_global": "column",
-    "attn.out": "row",
-    "mlp.up": "column",
-    "mlp.down": "row",
-    "embed": "embedding",
-    "lm_head": "column",
-}
-"""How each projection of the model is split over tp (by its name's ending): a column layer
-splits its output features, a row layer its input features, the embedding its (padded)
-vocabulary rows."""
 
 
 def parallelize(
@@ -65,16 +62,16 @@ def parallelize(
     """This rank's stage of `module` (modified in place) under `layout`. Its weights are the
     model's, sliced; a model built on the meta device (`with torch.device("meta")`) takes them
     from `seed` instead, one parameter at a time (the one-process model's initial values,
-    model.transformer.initial_values), so that a rank never holds more than its shard and one
-    full parameter. traffic: counts the context-parallel exchanges (cp > 1)."""
-    if not isinstance(module, Transformer):
-        raise TypeError(f"parallelize knows the decoder Transformer, not {type(module).__name__}")
+    ModelBase.initial_values), so that a rank never holds more than its shard and one full
+    parameter. traffic: counts the context-parallel exchanges (cp > 1)."""
+    if not isinstance(module, ModelBase):
+        raise TypeError(f"parallelize knows model.registry's architectures, not {module!r}")
     model, args = module, module.args
     values: Iterator[tuple[str, torch.Tensor]]
     if any(p.is_meta for p in model.parameters()):
         if seed is None:
             raise ValueError("parallelize needs the seed of a model built on the meta device")
-        values = initial_values(args, model.parameter_shapes(), seed)
+        values = model.initial_values(seed)
     else:  # the model's own weights (a reference for tests), listed before the stage drops any
         values = iter([(n, p.detach()) for n, p in model.named_parameters()])
     config = megatron_config(layout, args, params_dtype)
@@ -85,27 +82,29 @@ def parallelize(
     )
     layers = layout.layers_of_stage(args.n_layers, groups.pp_rank)
     model.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
-    if not first:
-        model.embed, model.etc = None, None
-    if not last:
-        model.norm, model.lm_head = None, None
+    for name in () if first else model.first_stage:
+        setattr(model, name, None)
+    for name in () if last else model.last_stage:
+        setattr(model, name, None)
     # 2. tensor: new layers, their weights filled below
     linears = MegatronLinears(config, groups.tp)
     padded_vocab = layout.padded_vocab(args.vocab_size)
     for name, old in list(model.named_modules()):
-        kind = next((k for end, k in TP_PLAN.items() if name.endswith(end)), None)
+        kind = tp_kind(name)
         if kind is None:
             continue
         shares = name == "lm_head" and args.tie_embeddings and first  # the embedding's weight
-        new = _tp_layer(linears, kind, name, old, padded_vocab, shares)
+        new = _tp_layer(linears, kind, name, old, padded_vocab, shares, model.sums_embeddings)
         if shares:
             assert model.embed is not None
             new.weight = model.embed.weight
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    if layout.sequence_parallel and model.sums_embeddings and first:
+        model.split_sequence = functools.partial(split_sequence, tp_group=groups.tp)
     # 3. context
     for block in model.blocks.values():
-        assert isinstance(block, Block)
+        assert isinstance(block.attn, Attention)
         block.attn.local_heads = args.n_heads // layout.tp
         if layout.cp > 1:
             block.attn.attention_fn = functools.partial(
@@ -117,7 +116,7 @@ def parallelize(
 
 @torch.no_grad()
 def _fill(
-    model: Transformer, values: Iterator[tuple[str, torch.Tensor]], tp_rank: int, tp: int
+    model: ModelBase, values: Iterator[tuple[str, torch.Tensor]], tp_rank: int, tp: int
 ) -> None:
     """Give every parameter of the stage its tp shard of the single-process value of the same
     name (the last stage's own copy of a tied embedding: the embedding's); parameters still on
@@ -125,7 +124,7 @@ def _fill(
     for module in model.modules():
         for key, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:
-                setattr(module, key, nn.Parameter(torch.empty(param.shape)))
+                setattr(module, key, nn.Parameter(torch.empty(param.shape), param.requires_grad))
     args = model.args
     wanted: dict[str, list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
@@ -150,18 +149,21 @@ def _tp_layer(
     module: nn.Module,
     padded_vocab: int,
     shares: bool,
+    sums_embeddings: bool,
 ) -> nn.Module:
-    """The tensor-parallel layer replacing `module` (an nn.Linear or nn.Embedding); the
-    embedding and the LM head get the padded vocabulary's rows."""
+    """The tensor-parallel layer replacing `module` (an nn.Linear, with or without a bias, or
+    an nn.Embedding); the embedding and the LM head get the padded vocabulary's rows. A model
+    that `sums_embeddings` splits the sequence itself, after the sum (ModelBase)."""
     weight: torch.Tensor = module.weight  # type: ignore[assignment]
     if kind == "embedding":
-        return linears.embedding(padded_vocab, weight.shape[1])
+        return linears.embedding(padded_vocab, weight.shape[1], reduce_scatter=not sums_embeddings)
     out_features, in_features = weight.shape
     if name == "lm_head":
         out_features = padded_vocab
+    bias = getattr(module, "bias", None) is not None
     if kind == "row":
-        return linears.row(in_features, out_features)
-    return linears.column(in_features, out_features, tied=shares)
+        return linears.row(in_features, out_features, bias=bias)
+    return linears.column(in_features, out_features, tied=shares, bias=bias)
 
 
 class ParallelStage(nn.Module):
@@ -175,7 +177,7 @@ class ParallelStage(nn.Module):
 
     def __init__(
         self,
-        model: Transformer,
+        model: ModelBase,
         attn_cfg: SparsityConfig,
         layout: Layout,
         groups: ParallelGroups,
@@ -209,10 +211,16 @@ class ParallelStage(nn.Module):
         # already returned in fp32.
         self.to(params_dtype)
         if layout.sequence_parallel:
-            for norm in (m for m in self.modules() if isinstance(m, RMSNorm)):
-                # Each tp rank's gradient covers its sequence shard only: finalize_model_grads
-                # sums the parameters marked so over tp (with config.sequence_parallel).
-                norm.weight.sequence_parallel = True  # type: ignore[attr-defined]
+            for name, param in model.named_parameters():
+                if getattr(param, "tensor_model_parallel", False) or not param.requires_grad:
+                    continue
+                if name.split(".")[0] in model.whole_sequence:
+                    continue
+                # A replicated parameter (norms, biases of row layers, the MLM head's dense)
+                # applied to this rank's sequence shard: its gradient covers that shard only,
+                # and finalize_model_grads sums the parameters marked so over tp (with
+                # config.sequence_parallel).
+                param.sequence_parallel = True  # type: ignore[attr-defined]
 
     def set_input_tensor(self, input_tensor: Any) -> None:
         """Megatron schedules hand a non-first stage its input here (a list of one tensor)."""
@@ -266,23 +274,23 @@ class ParallelStage(nn.Module):
         padding). The inverse of shard_param, piece by piece (train.model_space uses it)."""
         gname = self.global_name(name)
         tp, rank, args = self.layout.tp, self.groups.tp_rank, self.args
-        if gname.endswith(("embed.weight", "lm_head.weight")):
+        offset_rest = (0,) * (local.dim() - 1)
+        if is_vocab(gname):
             start = rank * local.shape[0]
             rows = max(0, min(args.vocab_size - start, local.shape[0]))
-            shape = torch.Size([args.vocab_size, local.shape[1]])
-            return gname, shape, [((start, 0), local[:rows])] if rows else []
-        full_shape = torch.Size([local.shape[0] * tp, *local.shape[1:]])
-        if gname.endswith(("attn.out.weight", "mlp.down.weight")):
-            shape = torch.Size([local.shape[0], local.shape[1] * tp])
-            return gname, shape, [((0, rank * local.shape[1]), local)]
-        view, dim = _split_view(gname, full_shape, args)
+            shape = torch.Size([args.vocab_size, *local.shape[1:]])
+            return gname, shape, [((start, *offset_rest), local[:rows])] if rows else []
+        shape = full_shape(gname, local.shape, tp, args)
+        view, dim = split_view(gname, shape, args)
         if dim < 0:
             return gname, local.shape, [((0,) * local.dim(), local)]
+        if dim == 1 and len(view) == local.dim():  # a row layer's weight: split along its inputs
+            return gname, shape, [((0, rank * local.shape[1]), local)]
         # [q | k | v] (3 parts) or [gate | up] (2 parts) or one part, each split over tp.
         parts = view[0] if len(view) > local.dim() else 1
         rows = local.shape[0] // parts
         pieces: list[tuple[tuple[int, ...], torch.Tensor]] = [
-            ((part * rows * tp + rank * rows, 0), local[part * rows : (part + 1) * rows])
+            ((part * rows * tp + rank * rows, *offset_rest), local[part * rows : (part + 1) * rows])
             for part in range(parts)
         ]
-        return gname, full_shape, pieces
+        return gname, shape, pieces

@@ -97,6 +97,7 @@ from model.transformer import ModelArgs, Transformer
 from parallel.cp_plan import rank_plan
 from parallel.layout import Layout, check_split
 from parallel.show import forward_bytes
+from parallel.tp_plan import tp_kind
 from parallel.traffic import all_gather_bytes, all_reduce_bytes
 
 __all__ = [
@@ -218,10 +219,7 @@ def _parameter_shapes(model: ModelArgs, attention: SparsityConfig) -> tuple[tupl
 
 
 def _tp_kind(name: str) -> str | None:
-    from parallel.parallelize import TP_PLAN  # megatron-core: imported when needed
-
-    module = name.rsplit(".", 1)[0]
-    return next((kind for end, kind in TP_PLAN.items() if module.endswith(end)), None)
+    return tp_kind(name.rsplit(".", 1)[0])
 
 
 def stage_parameters(

@@ -5,13 +5,16 @@
     qkv = linears.column(d_model, 3 * d_model)          # ColumnParallelLinear, [b, n, 3c/tp]
     qkv.weight.copy_(shard_param("blocks.0.attn.qkv.weight", full_weight, tp_rank, tp, args))
 
-parallel.parallelize uses these to turn a single-device `Transformer` into one rank's stage:
+parallel.parallelize uses these to turn a single-device model (the decoder or the encoder) into
+one rank's stage:
 ColumnParallelLinear for the QKV and MLP-in projections, RowParallelLinear for the attention
 output and MLP-out, VocabParallelEmbedding for the tokens and a ColumnParallelLinear LM head
 whose vocab-sharded logits go to parallel.vocab_loss (`parallel_lm_loss`: Megatron's
 arithmetic, on our tp group). `shard_param` / `unshard_param` cut the single-process weights
-into tp shards and join them back: QKV keeps [q | k | v] of a rank's heads, SwiGLU's up
-[gate | up] of its hidden units, the vocabulary is padded to Layout.padded_vocab rows.
+into tp shards and join them back (the rule: parallel.tp_plan): QKV keeps [q | k | v] of a
+rank's heads, SwiGLU's up [gate | up] of its hidden units, the vocabulary is padded to
+Layout.padded_vocab rows; a column layer's bias is cut like its weight's rows, a row layer's
+bias stays whole (Megatron adds it after the reduction).
 
 Sequence parallelism (`layout.sequence_parallel`, Megatron-LM's --sequence-parallel): outside
 the tensor-parallel regions (norms, residual adds, pipeline sends) a tp rank holds only its
@@ -39,6 +42,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -46,6 +50,7 @@ from torch import nn
 
 from model.transformer import ModelArgs
 from parallel.layout import Layout
+from parallel.tp_plan import is_vocab, split_view, tp_kind
 from parallel.vocab_loss import vocab_parallel_cross_entropy
 
 __all__ = [
@@ -54,6 +59,8 @@ __all__ = [
     "megatron_config",
     "shard_param",
     "unshard_param",
+    "full_shape",
+    "split_sequence",
 ]
 
 
@@ -132,14 +139,16 @@ class MegatronLinears:
         self.tp_group = tp_group
         self.tp_size = tp_group.size()
 
-    def column(self, in_features: int, out_features: int, tied: bool = False) -> nn.Module:
+    def column(
+        self, in_features: int, out_features: int, tied: bool = False, bias: bool = False
+    ) -> nn.Module:
         return _mark_sharded(
             _Column(
                 in_features,
                 out_features,
                 config=self.config,
                 init_method=_no_init,
-                bias=False,
+                bias=bias,
                 gather_output=False,
                 skip_weight_param_allocation=tied,
                 tp_group=self.tp_group,
@@ -147,14 +156,14 @@ class MegatronLinears:
             dim=0,
         )
 
-    def row(self, in_features: int, out_features: int) -> nn.Module:
+    def row(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return _mark_sharded(
             _Row(
                 in_features,
                 out_features,
                 config=self.config,
                 init_method=_no_init,
-                bias=False,
+                bias=bias,
                 input_is_parallel=True,
                 skip_bias_add=False,
                 tp_group=self.tp_group,
@@ -162,18 +171,29 @@ class MegatronLinears:
             dim=1,
         )
 
-    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+    def embedding(self, vocab_size: int, dim: int, reduce_scatter: bool = True) -> nn.Module:
+        """The vocab-parallel embedding; with sequence parallelism it reduce-scatters its output
+        to the sequence shard, unless `reduce_scatter` is False (a model that adds position
+        embeddings first and splits the sum itself, `split_sequence`: Megatron's rule)."""
         return _mark_sharded(
             _Embedding(
                 vocab_size,
                 dim,
                 init_method=_no_init,
-                reduce_scatter_embeddings=self.config.sequence_parallel,
+                reduce_scatter_embeddings=self.config.sequence_parallel and reduce_scatter,
                 config=self.config,
                 tp_group=self.tp_group,
             ),
             dim=0,
         )
+
+
+def split_sequence(x_bnc: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
+    """This tp rank's sequence shard [b, n/tp, c] of `x_bnc`, whole on every tp rank (its
+    backward all-gathers the shards' gradients): where a model enters the sequence-parallel
+    region after summing more than the word embedding (the encoder's learned positions)."""
+    x_nbc = scatter_to_sequence_parallel_region(x_bnc.transpose(0, 1).contiguous(), tp_group)
+    return x_nbc.transpose(0, 1)
 
 
 def _mark_sharded(layer: nn.Module, dim: int) -> nn.Module:
@@ -216,57 +236,53 @@ def parallel_lm_loss(
 # ---- slicing the single-process weights ------------------------------------------------------
 
 
-def _split_view(name: str, shape: torch.Size, args: ModelArgs) -> tuple[tuple[int, ...], int]:
-    """How `name` is split over tp: (a view of the full weight, the dimension to chunk)."""
-    if name.endswith(("attn.qkv.weight", "attn.qkv_global.weight")):
-        return (3, args.n_heads, args.head_dim, args.d_model), 1
-    if name.endswith("mlp.up.weight") and args.mlp == "swiglu":
-        return (2, args.hidden, args.d_model), 1
-    if name.endswith(("attn.out.weight", "mlp.down.weight")):
-        return tuple(shape), 1
-    if name.endswith(("embed.weight", "lm_head.weight", "mlp.up.weight")):
-        return tuple(shape), 0
-    return tuple(shape), -1  # replicated (norms)
-
-
-def _pad_vocab(name: str, weight: torch.Tensor, args: ModelArgs, tp: int) -> torch.Tensor:
-    if not name.endswith(("embed.weight", "lm_head.weight")):
-        return weight
+def _pad_vocab(name: str, tensor: torch.Tensor, args: ModelArgs, tp: int) -> torch.Tensor:
+    """`tensor` with its vocabulary rows padded with zeros to Layout.padded_vocab (a vocabulary
+    tensor, parallel.tp_plan.is_vocab), else itself."""
+    if not is_vocab(name):
+        return tensor
     padded = Layout(tp=tp).padded_vocab(args.vocab_size)
-    return torch.cat([weight, weight.new_zeros(padded - weight.shape[0], weight.shape[1])])
+    return torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
 
 
 def shard_param(
     name: str, full: torch.Tensor, tp_rank: int, tp: int, args: ModelArgs
 ) -> torch.Tensor:
-    """Tensor-parallel rank `tp_rank`'s slice of the single-process parameter `name`. QKV keeps
-    [q | k | v] of this rank's heads, SwiGLU's up keeps [gate | up] of its hidden units."""
+    """Tensor-parallel rank `tp_rank`'s slice of the single-process parameter `name`
+    (parallel.tp_plan.split_view). QKV keeps [q | k | v] of this rank's heads, SwiGLU's up
+    keeps [gate | up] of its hidden units; biases are cut like their weights' rows."""
     full = _pad_vocab(name, full.detach(), args, tp)
-    view, dim = _split_view(name, full.shape, args)
+    view, dim = split_view(name, full.shape, args)
     if dim < 0:
         return full.clone()
     piece = full.reshape(view).chunk(tp, dim=dim)[tp_rank]
     if len(view) > full.dim():  # split inside a [q | k | v] or [gate | up] view
-        piece = piece.reshape(-1, full.shape[-1])
+        piece = piece.reshape(-1, *full.shape[1:])
     return piece.clone()
+
+
+def full_shape(name: str, local: torch.Size, tp: int, args: ModelArgs) -> torch.Size:
+    """The single-process shape (vocabulary padded for `tp`) of parameter `name` whose tp shard
+    has shape `local`."""
+    if is_vocab(name):
+        return torch.Size([Layout(tp=tp).padded_vocab(args.vocab_size), *local[1:]])
+    module, _, param = name.rpartition(".")
+    kind = tp_kind(module)
+    if kind is None or (kind == "row" and param != "weight"):
+        return local
+    if kind == "row":
+        return torch.Size([local[0], local[1] * tp])
+    return torch.Size([local[0] * tp, *local[1:]])
 
 
 def unshard_param(name: str, shards: list[torch.Tensor], args: ModelArgs) -> torch.Tensor:
     """The single-process parameter `name` from its tp shards (in tp-rank order)."""
     tp = len(shards)
-    width = shards[0].shape[-1] if shards[0].dim() > 1 else 0
-    padded = Layout(tp=tp).padded_vocab(args.vocab_size)
-    full_shape = torch.Size([shards[0].shape[0] * tp, width])
-    if name.endswith(("attn.out.weight", "mlp.down.weight")):
-        full_shape = torch.Size([shards[0].shape[0], width * tp])
-    elif name.endswith(("embed.weight", "lm_head.weight")):
-        full_shape = torch.Size([padded, width])
-    view, dim = _split_view(name, full_shape, args)
+    shape = full_shape(name, shards[0].shape, tp, args)
+    view, dim = split_view(name, shape, args)
     if dim < 0:
         return shards[0].clone()
     local_view = list(view)
     local_view[dim] //= tp
-    full = torch.cat([s.reshape(local_view) for s in shards], dim=dim).reshape(full_shape)
-    if name.endswith(("embed.weight", "lm_head.weight")):
-        full = full[: args.vocab_size]
-    return full
+    full = torch.cat([s.reshape(local_view) for s in shards], dim=dim).reshape(shape)
+    return full[: args.vocab_size] if is_vocab(name) else full

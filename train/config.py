@@ -205,13 +205,7 @@ class Config:
 
 
 def _check_encoder(model: ModelArgs, par: ParallelArgs, seq_len: int) -> None:
-    """What model.arch=encoder (model/encoder.py) cannot do yet, refused at load time."""
-    split = [f"parallel.{k}={getattr(par, k)}" for k in ("tp", "pp", "cp") if getattr(par, k) > 1]
-    if split:
-        raise ValueError(
-            f"{', '.join(split)}: model.arch=encoder runs in one process so far (tensor, "
-            "pipeline and context parallelism for the encoder are the next step); set them to 1"
-        )
+    """What model.arch=encoder (model/encoder.py) needs of the run, refused at load time."""
     if model.max_positions < seq_len + model.position_offset:
         raise ValueError(
             f"model.max_positions={model.max_positions} is too few for train.seq_len={seq_len} "

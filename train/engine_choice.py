@@ -31,12 +31,6 @@ def engine_kind(cfg: Config, world: int) -> str:
     par = cfg.parallel
     parallel = world > 1 or any((d or 1) > 1 for d in (par.tp, par.pp, par.cp, par.dp))
     kind = cfg.train.engine
-    if cfg.model.arch == "encoder" and (parallel or kind not in ("auto", "local")):
-        raise ValueError(
-            f"model.arch=encoder trains in one process with the local engine so far (world size "
-            f"{world}, train.engine={kind}): data, tensor, pipeline and context parallelism for "
-            "the encoder are the next step"
-        )
     if kind == "auto":
         return "megatron" if parallel else "local"
     if kind == "local" and parallel:

@@ -16,8 +16,7 @@ an attention pattern (any attention key but block_size, causal and seed), the ru
 attention (causal for a decoder, both sides for an encoder): a window of every block of
 train.seq_len, no global or random blocks, which is the HF model's function. A sparse pattern
 changes the function (a warning says so). Longformer and BigBird block_sparse checkpoints fix
-their own pattern (train/hf_encoder.py); an encoder (RoBERTa, Longformer, BigBird) runs in
-one process so far.
+their own pattern (train/hf_encoder.py).
 The tokenizer of data.path must be the checkpoint's: its ids index the embedding.
 
 `export` reads a run's newest checkpoint (train.export, any layout) and writes the HF model

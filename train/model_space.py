@@ -140,6 +140,12 @@ def megatron_sharded_state(engine: MegatronState) -> dict[str, Any]:
                 source = own.main if key == "param" else own.state().get(key)
                 if source is not None:
                     flat[offset + own.start : offset + own.end] = source.detach().view(-1)
+            elif (
+                kind == "model" and not param.requires_grad and (group is None or group.rank() == 0)
+            ):
+                # A frozen parameter (no optimizer holds it; the encoder's pooler): its value,
+                # from one rank of the group that the sum below runs over.
+                flat[offset : offset + param.numel()] = param.detach().float().view(-1)
             offset += param.numel()
         if group is not None and group.size() > 1:
             dist.all_reduce(flat, group=group)

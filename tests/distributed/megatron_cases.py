@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.registry import build_model
 from model.sparse import SparsityConfig
-from model.transformer import ModelArgs, Transformer
+from model.transformer import ModelArgs
 from train.engine import LocalEngine, OptimArgs, ScheduleArgs
 
 STEPS = 3
@@ -45,8 +46,18 @@ class Case:
     mlm: bool = False
     """Masked-LM batches (labels at 15% of the positions, -100 elsewhere) with per-sample
     global marks (`global_mask`), for a bidirectional `attention`."""
+    arch: str = "transformer"
+    """model.arch: the decoder, or the HF-shaped "encoder" (GELU, biases, post-LN, learned
+    positions from row 2, a token type row, the MLM head and a frozen pooler)."""
 
     def model_args(self) -> ModelArgs:
+        if self.arch == "encoder":
+            return ModelArgs(
+                arch="encoder", vocab_size=self.vocab_size, d_model=32, n_layers=self.n_layers,
+                n_heads=4, mlp="gelu", ffn_hidden=64, tie_embeddings=self.tie_embeddings,
+                recompute=self.recompute, max_positions=self.seq_len + 2, position_offset=2,
+                type_vocab_size=1, pooler=True,
+            )  # fmt: skip
         return ModelArgs(
             vocab_size=self.vocab_size,
             d_model=32,
@@ -107,12 +118,18 @@ MLM_ETC = Case(mlm=True, attention=dict(MLM.attention, etc_tokens=2))
 layer 0's qkv weight, of 3072, ends 2.6e-5 from the one-process value, all others within
 1e-6 and the losses equal: AdamW's step m / (sqrt(v) + eps) amplifies rounding differences
 of a gradient element near eps.)"""
+ENCODER = Case(mlm=True, arch="encoder", attention=MLM_GLOBAL_PROJECTIONS.attention)
+"""MLM_GLOBAL_PROJECTIONS on the HF-shaped encoder (model/encoder.py): biases split with their
+projections (or whole after a row layer's reduction), LayerNorms, learned positions and the
+MLM head's dense replicated, a frozen pooler."""
+ENCODER_ETC = Case(mlm=True, arch="encoder", attention=MLM_ETC.attention)
+"""The encoder with two ETC tokens."""
 
 
 def reference(case: Case) -> dict:
     """Losses, grad norms, token counts, final parameters and per-micro-batch validation
     (loss sum, tokens) of the single-process run."""
-    model = Transformer(case.model_args(), case.attn_cfg(), seed=SEED)
+    model = build_model(case.model_args(), case.attn_cfg(), seed=SEED)
     engine = LocalEngine(model, OPTIM, SCHEDULE, total_steps=STEPS)
     stats = [engine.train_step(batches(case, s), s) for s in range(STEPS)]
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -216,6 +233,7 @@ def _parity_run(world: int, run: Run) -> dict:
         main_grads = {
             engine.stage.global_name(k): v.main_grad.detach().clone()
             for k, v in engine.stage.named_parameters()
+            if v.requires_grad  # not the encoder's frozen pooler
         }
         master_dtypes = {p.dtype for groups in engine._master_params() for g in groups for p in g}
         # Each dp rank evaluates its own batch; eval_step sums over all of them.
@@ -246,6 +264,7 @@ def assemble(results: list[dict], case: Case) -> dict[str, torch.Tensor]:
     do the tp ranks' copies of the replicated norm weights (under sequence parallelism each tp
     rank computes their gradient on its own shard of the sequence)."""
     from parallel.tensor_parallel import unshard_param
+    from parallel.tp_plan import split_view
 
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for res in results:
@@ -257,10 +276,12 @@ def assemble(results: list[dict], case: Case) -> dict[str, torch.Tensor]:
                     raise AssertionError(f"replicas of {name} (tp rank {tp_rank}) differ")
             else:
                 held[tp_rank] = tensor
+    args = case.model_args()
     for name, held in pieces.items():
-        if name.endswith("norm.weight") and any(not torch.equal(held[0], t) for t in held.values()):
+        _, dim = split_view(name, held[0].shape, args)
+        if dim < 0 and any(not torch.equal(held[0], t) for t in held.values()):
             raise AssertionError(f"the tp ranks' copies of {name} differ")
     return {
-        name: unshard_param(name, [held[r] for r in sorted(held)], case.model_args())
+        name: unshard_param(name, [held[r] for r in sorted(held)], args)
         for name, held in pieces.items()
     }

@@ -31,9 +31,9 @@ CASE = mc.Case()
 STAGES = (1, 2, 3)
 
 
-def ds_rank(rank: int, world: int, runs: list[tuple[dict, int, str]]) -> list[dict]:
-    """Each (parallel degrees, zero_stage, precision) in turn: 3 steps and one evaluation on
-    these ranks (dp derived from the world size)."""
+def ds_rank(rank: int, world: int, runs: list[tuple]) -> list[dict]:
+    """Each (parallel degrees, zero_stage, precision[, case]) in turn: 3 steps and one
+    evaluation on these ranks (dp derived from the world size); the case is CASE unless given."""
     from parallel.layout import Layout
     from train.config import ParallelArgs
     from train.deepspeed_config import DeepSpeedArgs
@@ -42,31 +42,32 @@ def ds_rank(rank: int, world: int, runs: list[tuple[dict, int, str]]) -> list[di
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asserts a launcher set it
 
     out = []
-    for degrees, stage, precision in runs:
+    for degrees, stage, precision, *given in runs:
+        case = given[0] if given else CASE
         layout = Layout.create(
-            ParallelArgs(**degrees), world, CASE.model_args(), CASE.attn_cfg(), CASE.seq_len
+            ParallelArgs(**degrees), world, case.model_args(), case.attn_cfg(), case.seq_len
         )
         groups = layout.initialize()
         try:
-            per_dp = CASE.micro_batches // layout.dp
+            per_dp = case.micro_batches // layout.dp
             engine = DeepSpeedEngine(
-                CASE.model_args(),
-                CASE.attn_cfg(),
+                case.model_args(),
+                case.attn_cfg(),
                 layout,
                 groups,
                 dataclasses.replace(mc.OPTIM, precision=precision),
                 mc.SCHEDULE,
                 DeepSpeedArgs(zero_stage=stage),
                 micro_batches=per_dp,
-                micro_batch_size=CASE.micro_batch_size,
+                micro_batch_size=case.micro_batch_size,
                 total_steps=mc.STEPS,
                 seed=mc.SEED,
             )
             lo = groups.dp_rank * per_dp
             stats = [
-                engine.train_step(mc.batches(CASE, s)[lo : lo + per_dp], s) for s in range(mc.STEPS)
+                engine.train_step(mc.batches(case, s)[lo : lo + per_dp], s) for s in range(mc.STEPS)
             ]
-            val = engine.eval_step(mc.batches(CASE, mc.STEPS)[groups.dp_rank])
+            val = engine.eval_step(mc.batches(case, mc.STEPS)[groups.dp_rank])
             dtypes = {p.dtype for p in engine.model.parameters()}
             out.append(
                 {
@@ -112,15 +113,27 @@ FOUR_RANKS = (
     + [({"tp": 2, "sequence_parallel": True}, 3, "fp32")]
     + [({"tp": 2, "cp": 2, "sequence_parallel": True}, 1, "fp32")]
 )
+ENCODER = [
+    ({}, 3, "fp32", mc.ENCODER),  # ZeRO-3 partitions the biases, LayerNorms, frozen pooler
+    ({"cp": 2}, 2, "fp32", mc.ENCODER),
+    ({"tp": 2, "sequence_parallel": True}, 1, "fp32", mc.ENCODER),
+]
+"""The HF-shaped encoder (megatron_cases.ENCODER) on 2 ranks."""
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("world,runs", [(2, DP2), (4, FOUR_RANKS)], ids=["dp2", "4ranks"])
+@pytest.mark.parametrize(
+    "world,runs", [(2, DP2), (4, FOUR_RANKS), (2, ENCODER)], ids=["dp2", "4ranks", "encoder"]
+)
 def test_zero_stages_match_single_process(world, runs, tmp_path):
     per_rank = run_ranks(ds_rank, world, tmp_path, args=(runs,), timeout=380)
-    ref = mc.reference(CASE)
     bad = []
-    for i, (degrees, stage, precision) in enumerate(runs):
+    refs: dict[str, dict] = {}
+    for i, (degrees, stage, precision, *given) in enumerate(runs):
+        case = given[0] if given else CASE
+        if repr(case) not in refs:
+            refs[repr(case)] = mc.reference(case)
+        ref = refs[repr(case)]
         results = [r[i] for r in per_rank]
         tp, cp = degrees.get("tp", 1), degrees.get("cp", 1)
         where = f"zero{stage} {precision} tp{tp} cp{cp} dp{world // (tp * cp)}"

@@ -5,13 +5,14 @@ pytest tests/distributed/test_megatron_parity.py    (about 70 s on 2 cores, plus
 
 Every layout trains the same tiny causal BigBird-style model (2 layers, d=32, 4 heads, seq 256,
 block 16, vocab 250 padded to the tp multiple; in their own runs, a bidirectional BigBird encoder
-on masked-LM batches with per-sample global marks, `mc.MLM`) with MegatronEngine (Megatron DDP and
+on masked-LM batches with per-sample global marks, `mc.MLM`, and the HF-shaped encoder of
+model.arch=encoder, `mc.ENCODER`) with MegatronEngine (Megatron DDP and
 its DistributedOptimizer, or its plain optimizer) for 3 AdamW steps on the same global batch as
 `LocalEngine` in this process, with gradient clipping active; some runs save the engine state mid-
 way and continue in a new engine. Compared: the loss, the gradient norm and the token count of
 every step, the validation loss after training and every final parameter (gathered from the tp / pp
-shards; dp / cp replicas, the tied embedding's two pipeline copies and the tp ranks' norm weights
-must agree exactly), within 1e-5 in fp32. Megatron's sequence parallelism
+shards; dp / cp replicas, the tied embedding's two pipeline copies and the tp ranks' copies of
+every replicated parameter must agree exactly), within 1e-5 in fp32. Megatron's sequence parallelism
 (`parallel.sequence_parallel`) runs with tp=2, tp2 x cp2, tp2 x pp2 and (slow, 8 ranks) tp2 x pp2 x
 cp2; the tp2 and tp2 x pp2 runs use micro-batches of 2 sequences (the [b, n] <-> [n, b] transposes
 around Megatron's layers) and recompute. Several layouts share one spawn of ranks (the groups are
@@ -21,6 +22,8 @@ The unit checks at the end (weight slicing, CPU shims) need no processes.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -117,6 +120,28 @@ def test_bidirectional_mlm_with_global_marks_matches_single_process(tmp_path):
     assert _check(per_rank, runs) == []
 
 
+@pytest.mark.timeout(300)
+def test_hf_shaped_encoder_under_tp_cp_pp_dp_and_sequence_parallel_matches_single_process(
+    tmp_path,
+):
+    """The encoder (model.arch=encoder) under every layout: biases split with their projection
+    or whole after a row layer's reduction, the learned positions added before sequence
+    parallelism splits the sum, the MLM head's dense and LayerNorms replicated, a frozen
+    pooler."""
+    enc_sp = dataclasses.replace(mc.ENCODER, micro_batches=2, micro_batch_size=2, recompute=True)
+    runs = [
+        mc.Run(dict(tp=2), mc.ENCODER),
+        mc.Run(dict(cp=2), mc.ENCODER),
+        mc.Run(dict(), mc.ENCODER, resume_after=1),  # dp = 2, resumed mid-way
+        mc.Run(dict(pp=2), mc.ENCODER),
+        mc.Run(dict(tp=2, **SP), enc_sp),
+        mc.Run(dict(cp=2), mc.ENCODER_ETC),
+    ]
+    per_rank = run_ranks(mc.parity_rank, 2, tmp_path, args=(runs,), timeout=280)
+    bad = _check(per_rank, runs)
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.timeout(240)
 def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
     runs = [
@@ -127,6 +152,7 @@ def test_tp2xcp2_pp2xdp2_and_sequence_parallel_match_single_process(tmp_path):
         mc.Run(dict(tp=2, pp=2, **SP), SP_CASE),  # the pipeline sends [n/tp, b, c]
         # bidirectional, the global marks across cp ranks, Longformer's global projections
         mc.Run(dict(tp=2, cp=2), mc.MLM_GLOBAL_PROJECTIONS),
+        mc.Run(dict(tp=2, cp=2, **SP), mc.ENCODER),  # positions added before the split
     ]
     per_rank = run_ranks(mc.parity_rank, 4, tmp_path, args=(runs,), timeout=200)
     assert _check(per_rank, runs) == []

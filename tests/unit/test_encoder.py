@@ -62,24 +62,22 @@ def test_the_encoder_refuses_what_it_cannot_be():
         Encoder(ModelArgs(**{**vars(ARGS), "max_positions": 0}), PATTERN)
 
 
-def test_the_config_refuses_parallel_layouts_and_too_few_positions():
+def test_the_config_takes_every_layout_and_refuses_too_few_positions():
     base = [
         "model.arch=encoder", "model.mlp=gelu", "model.max_positions=130",
         "model.position_offset=2", "train.seq_len=128", "attention.causal=false",
         "data.objective=mlm",
     ]  # fmt: skip
     assert load_config(None, base).model.arch == "encoder"
-    with pytest.raises(ValueError, match="parallel.cp=2: model.arch=encoder runs in one process"):
-        load_config(None, [*base, "parallel.cp=2"])
+    layout = ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2", "parallel.sequence_parallel=true"]
+    assert load_config(None, [*base, *layout]).parallel.cp == 2
     with pytest.raises(ValueError, match="model.max_positions=130 is too few"):
         load_config(None, [*base, "train.seq_len=256"])
     from train.engine_choice import engine_kind
 
     assert engine_kind(load_config(None, base), world=1) == "local"
-    with pytest.raises(ValueError, match="model.arch=encoder trains in one process"):
-        engine_kind(load_config(None, base), world=2)  # data parallel under torchrun
-    with pytest.raises(ValueError, match="train.engine=megatron"):
-        engine_kind(load_config(None, [*base, "train.engine=megatron"]), world=1)
+    assert engine_kind(load_config(None, base), world=2) == "megatron"  # data parallel
+    assert engine_kind(load_config(None, [*base, "train.engine=deepspeed"]), world=2) == "deepspeed"
 
 
 def test_recompute_gives_the_same_gradients_and_bf16_autocast_runs():
