@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.transformer import Transformer
+from model.registry import build_model
 from train.config import load_config
 from train.loop import train
 
@@ -68,8 +68,65 @@ def test_every_recipe_is_tested_and_loads_as_written():
     for name in RECIPES:  # the real sizes and layout pass the load-time checks
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.train.device == "cuda" and cfg.optim.precision == "bf16"
+        assert cfg.model.arch == ("encoder" if name.endswith("_mlm") else "transformer"), name
     causal = load_config(CONFIGS / "causal_1b_128k.yaml")
     with torch.device("meta"):
-        params = Transformer(causal.model, causal.attention).num_params()
+        params = build_model(causal.model, causal.attention).num_params()
     assert params >= 1e9 and causal.train.seq_len == 131072
     assert causal.parallel.tp * causal.parallel.cp * (causal.parallel.dp or 1) == 32
+
+
+@pytest.mark.parametrize(
+    "name,model_type", [("bigbird_base_mlm", "big_bird"), ("longformer_base_mlm", "longformer")]
+)
+def test_mlm_recipes_are_the_hf_architecture_and_export_as_it(name, model_type):
+    """The MLM recipes are HF's BigBird / Longformer (model.arch=encoder): the HF model export
+    writes for the recipe, built from its config, has the same parameters, one for one; and
+    export keeps the recipe's pattern (block_sparse with its random blocks; the 512 window in
+    every layer)."""
+    transformers = pytest.importorskip("transformers")
+    from train.hf import CONVERTERS
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    converter = CONVERTERS[model_type]
+    assert converter.accepts(cfg) and converter.exports_pattern(cfg)
+    converter.check_run(cfg)
+    hf_config = converter.hf_config(cfg)
+    with torch.device("meta"):
+        ours = build_model(cfg.model, cfg.attention).num_params()
+        hf_model = transformers.AutoModelForMaskedLM.from_config(hf_config)
+    theirs = sum(p.numel() for p in hf_model.parameters())
+    assert ours == theirs, (ours, theirs)
+    if model_type == "big_bird":
+        assert hf_config.attention_type == "block_sparse" and hf_config.num_random_blocks == 3
+    else:
+        assert hf_config.attention_window == [512] * cfg.model.n_layers
+
+
+def test_the_longformer_recipe_starts_from_roberta_as_the_paper(tiny_mlm_data, tmp_path):
+    """`python -m train.hf import --config configs/longformer_base_mlm.yaml` of a RoBERTa whose
+    positions are fewer than the recipe's sequence: the positions are copied out, the window is
+    the checkpoint's length (roberta-base's 512: the recipe's), the global projections come
+    from the local ones, the recipe's data keys stay, and the run trains and exports as a
+    Longformer."""
+    pytest.importorskip("transformers")
+    from tests.hf_cases import import_run
+    from tests.unit.test_hf_encoder import make_hf
+
+    hf_dir = make_hf("roberta", tmp_path / "hf", max_position_embeddings=130)
+    toy = [o for o in TOY if not o.startswith("model.")]
+    overrides = ["--config", str(CONFIGS / "longformer_base_mlm.yaml"), *toy]
+    overrides += ["attention.block_size=16", "train.steps=2"]
+    run = tmp_path / "run"
+    assert import_run(hf_dir, run, tiny_mlm_data, *overrides) == 0
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.arch == "encoder" and cfg.model.max_positions == 258
+    assert cfg.attention.window_tokens == 128 and cfg.attention.global_projections
+    assert cfg.data.global_doc_starts and cfg.data.objective == "mlm"
+    result = train(load_config(run / "config.yaml", [f"train.run_dir={run}"]), resume="yes")
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    from train.hf import main
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out")]) == 0
+    exported = (tmp_path / "out" / "config.json").read_text()
+    assert '"model_type": "longformer"' in exported
