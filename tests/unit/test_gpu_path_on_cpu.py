@@ -86,15 +86,18 @@ class _Float32Copies(TorchDispatchMode):
         return out
 
 
-def _bf16_attention(fused: bool, monkeypatch):
+def _bf16_attention(fused: bool, monkeypatch, encoder: bool = False):
+    """A bf16 attention layer: the decoder's (causal, RoPE) or the encoder's (bidirectional, no
+    RoPE, biases: model/encoder.py's blocks use this class)."""
     monkeypatch.setattr("model.transformer.fused_attention", lambda device_type: fused)
-    cfg = SparsityConfig(**PATTERN, causal=True)
+    cfg = SparsityConfig(**PATTERN, causal=not encoder)
     args = ModelArgs(vocab_size=64, d_model=64, n_layers=1, n_heads=4)
     backend = "flex" if fused else "blocked"
     torch.manual_seed(0)
-    attn = Attention(
-        args, cfg, functools.partial(sparse_attention, backend=backend), 0, LocalLinears()
-    ).to(torch.bfloat16)
+    attention_fn = functools.partial(sparse_attention, backend=backend)
+    attn = Attention(args, cfg, attention_fn, 0, LocalLinears(), rope=not encoder, bias=encoder).to(
+        torch.bfloat16
+    )
     x = torch.randn(1, 128, 64, dtype=torch.bfloat16)
     return attn, x, torch.arange(128).view(1, -1)
 
@@ -110,9 +113,10 @@ def test_bf16_fused_attention_agrees_with_the_fp32_kernel(monkeypatch):
     assert (fused.float() - blocked.float()).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("encoder", [False, True], ids=["decoder", "encoder"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_bf16_attention_makes_no_fp32_copy_of_q_k_v_on_the_fused_path(fused, monkeypatch):
-    attn, x, positions = _bf16_attention(fused, monkeypatch)
+def test_bf16_attention_makes_no_fp32_copy_of_q_k_v_on_the_fused_path(fused, encoder, monkeypatch):
+    attn, x, positions = _bf16_attention(fused, monkeypatch, encoder)
     kernel_dtypes = []
 
     def kernel(q, k, v, block_mask, scale):  # the fused kernel (a higher-order op) stands in
