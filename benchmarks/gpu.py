@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.sparse import SparsityConfig, count_pairs, reference_attention, sparse_attention
-from model.sparse_flex import _flex, build_block_mask  # the model's compiled flex call
+from model.sparse_flex import build_block_mask, flex_kernel
 from model.transformer import ModelArgs, Transformer, lm_loss
 from parallel.context_parallel import cp_sparse_attention
 from train.flops import PEAK_FLOPS, flops_per_token, measure_matmul_flops
@@ -338,7 +338,7 @@ def measure(impl: str, qkv, upstream, sizes: Sizes, deadline: float) -> dict[str
     batch, heads, n, dim = qkv[0].shape
     device = qkv[0].device
     block_mask, mask_build_ms = timed_block_mask(cfg, batch, heads, n, device)
-    kernel = lambda q, k, v: _flex(q, k, v, block_mask, dim**-0.5)
+    kernel = lambda q, k, v: flex_kernel(q, k, v, block_mask, dim**-0.5)
     rec = time_attention(kernel, qkv, upstream, sizes, deadline)
     rec["mask_build_ms"] = mask_build_ms
     if qkv[0].requires_grad:  # the model's call; compiled above, so one warm-up suffices

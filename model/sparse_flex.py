@@ -24,7 +24,10 @@ compile_on_cpu = False
 """Compile on CPU too (tests count compilations there); on CUDA the kernel is always compiled."""
 
 
-def _flex(q, k, v, block_mask, scale):
+def flex_kernel(q, k, v, block_mask, scale):
+    """FlexAttention of q, k, v under `block_mask`: the fused (compiled) kernel on CUDA (and on
+    CPU with `compile_on_cpu`), eager FlexAttention otherwise. Every sparse path calls it, so a
+    benchmark timing it times what the model runs."""
     global _compiled_flex
     if q.is_cuda or compile_on_cpu:
         if _compiled_flex is None:
@@ -79,7 +82,7 @@ def flex_sparse_attention(q, k, v, cfg, layer, step, padding_mask, global_mask):
     block_mask = build_block_mask(
         cfg, batch, n_heads, seq_len, layer, step, padding_mask, global_mask, q.device
     )
-    return _flex(q, k, v, block_mask, dim**-0.5)
+    return flex_kernel(q, k, v, block_mask, dim**-0.5)
 
 
 def plan_block_mask(plan: KernelPlan, n_keys: int, n_glob: int, batch: int, heads: int, device):
@@ -169,4 +172,4 @@ def flex_block_attention(q, k, v, gk, gv, plan: KernelPlan, rk=None, rv=None):
     if plan.block_mask is None or plan.block_mask[0] != key:
         mask = plan_block_mask(plan, n_keys, n_glob, q.shape[0], q.shape[1], q.device)
         plan.block_mask = (key, mask)
-    return _flex(q, k_all, v_all, plan.block_mask[1], plan.scale), None
+    return flex_kernel(q, k_all, v_all, plan.block_mask[1], plan.scale), None

@@ -43,7 +43,7 @@ def test_attention_reads_no_device_value(path, pool, monkeypatch):
     padding, marks = _masks()
     fused = path.endswith("flex")
     if fused:
-        monkeypatch.setattr(sparse_flex, "_flex", lambda q, k, v, block_mask, scale: q * 1.0)
+        monkeypatch.setattr(sparse_flex, "flex_kernel", lambda q, k, v, block_mask, scale: q * 1.0)
     q, k, v = (
         torch.randn(2, 2, 128, 16, device="meta").requires_grad_(not fused) for _ in range(3)
     )
@@ -123,7 +123,7 @@ def test_bf16_attention_makes_no_fp32_copy_of_q_k_v_on_the_fused_path(fused, enc
         kernel_dtypes.extend([q.dtype, k.dtype, v.dtype])
         return q.clone()
 
-    monkeypatch.setattr(sparse_flex, "_flex", kernel)
+    monkeypatch.setattr(sparse_flex, "flex_kernel", kernel)
     # RoPE rotates q and k in fp32 before the attention; count only the attention's copies
     monkeypatch.setattr("model.transformer.apply_rope", lambda t, p, theta: t)
     copies = _Float32Copies((1, 4, 128, 16))
