@@ -15,62 +15,91 @@ optimizer step, by kind. The engine is Megatron-core's (DDP, distributed optimiz
 trainer's engine for every multi-rank layout); one rank is the local engine (torch AdamW).
 
 Memory (bytes of one rank; P its parameters, T = micro_batch_size x seq_len / cp its tokens
-per micro-batch, d, h, H, D width, MLP width, heads, head dim, V the padded vocabulary):
-- parameters: P x 4 (fp32) or 2 (bf16). P counts this stage's blocks, the embedding on the
-  first stage, the final norm and LM head on the last (a tied head is a second copy when
-  pp > 1), each projection and the vocabulary divided by tp, norms whole.
-- gradients: P x 4: Megatron's DDP accumulates and reduces them in an fp32 buffer
-  (grad_reduce_in_fp32), present throughout; the local engine's param.grad (fp32) are set to
-  None after each step and allocated in the backward as the activations are freed, so its
-  peak holds the larger of gradients and activations.
+per micro-batch, d, h, H, D width, MLP width, heads, head dim, V the padded vocabulary). Both
+architectures are modelled, the decoder (model.arch=transformer, model/transformer.py) and the
+HF-shaped encoder (model.arch=encoder, model/encoder.py); any other is refused:
+- parameters: P x 4 (fp32) or 2 (bf16). P is counted from the model.registry model built on
+  the meta device: this stage's blocks, the model's `first_stage` modules (embeddings) on the
+  first stage, its `last_stage` ones (final norm or MLM head, LM head, pooler) on the last (a
+  tied head is a second copy when pp > 1), split over tp as parallel.tp_plan splits them: the
+  projections and their column layers' biases and the vocabulary rows (embedding, LM head and
+  its bias) / tp; row layers' biases, norms, learned positions, the MLM head's dense whole.
+- gradients: P x 4 of the parameters that train (not the encoder's frozen pooler): Megatron's
+  DDP accumulates and reduces them in an fp32 buffer (grad_reduce_in_fp32), present
+  throughout; the local engine's param.grad (fp32) are set to None after each step and
+  allocated in the backward as the activations are freed, so its peak holds the larger of
+  gradients and activations.
 - optimizer: the two Adam moments in fp32 (8 bytes), with bf16 also the fp32 master weights
-  (4 bytes), per parameter, sharded over the dp x cp ranks by the distributed optimizer (the
-  ranks that hold the same parameters); the local engine keeps the moments whole.
-- activations: what autograd keeps for the backward, counted tensor by tensor for this model
+  (4 bytes), per parameter that trains, sharded over the dp x cp ranks by the distributed
+  optimizer (the ranks that hold the same parameters); the local engine keeps them whole.
+- activations: what autograd keeps for the backward, counted tensor by tensor for each model
   (checked with saved-tensor hooks on CPU, tests/unit/test_plan.py). Per layer and token, in
-  elements: the two RMSNorms keep their input, normalised and scaled tensors (6 d; / tp with
-  sequence parallelism) and a row statistic each (2), RoPE its cos / sin (2 D, fp32); the
-  tensor-parallel part, / tp: q, k, a copy of v, the kernel's output and log-sum-exp (H), the
-  output projection's input, and the tensors the global rows are gathered from (on one device
-  k and the projection's output [q | k | v], kept even without global tokens since a gather
-  saves its input; under cp a stack of q, k, v, only with global tokens): 8 d, or 5 d under
-  cp without global tokens; SwiGLU's up projection, its silu and product (4 h; GELU 2 h);
-  Longformer's global projections another 5 d. Sparse attention keeps nothing of size N^2:
-  the blocked kernel saves q, k, v, the output and the log-sum-exp and recomputes the scores
-  in backward (O(N)). Per layer besides: one device keeps the global queries' mask (G x N,
-  fp32) and rows; under cp a rank keeps its key/value buffers, read from its plan
-  (parallel.cp_plan.rank_plan): the interior's random buffer [received | local drawn blocks]
-  and the boundary buffer [halo | edge | halo | random] (each as k and v), plus the global
-  rows and their output (4 G), the global queries' partial softmax over its keys (G x T per
-  head) and a key copy (T). With attention.layers each layer counts with its own pattern (a
-  distinct pattern's plan once, with the random draw of its first layer). With
-  `model.recompute` a layer keeps only its input (d per token) and one layer at a time is
-  recomputed in full. The decoder only (model.arch=transformer; others are refused).
+  elements, the decoder: the two RMSNorms keep their input, normalised and scaled tensors
+  (6 d; / tp with sequence parallelism) and a row statistic each (2), RoPE its cos / sin
+  (2 D, fp32); the encoder (post-LN): the block's input, each LayerNorm's input and the first
+  one's output (4 d; / tp with sequence parallelism), each LayerNorm's mean and rstd (4). The
+  tensor-parallel part, / tp, the same for both: q, k, v (the kernel's contiguous copies of
+  the projection's views; the decoder's q and k are RoPE's outputs), the kernel's output and
+  log-sum-exp (H), the output projection's input, and the tensors the global rows are
+  gathered from (on one device the projection's output [q | k | v], kept even without global
+  tokens since a gather saves its input; under cp a stack of q, k, v, only with global
+  tokens): 8 d, or 5 d under cp without global tokens; SwiGLU's up projection, its silu and
+  product (4 h; GELU 2 h); Longformer's global projections another 5 d in the decoder (its
+  [q | k | v] and rotated q, k), in the encoder 3 d on one device with global tokens and
+  none otherwise (the rows are gathered from its [q | k | v] only there). The biases keep
+  nothing. Sparse attention keeps nothing of size N^2: the blocked kernel saves q, k, v, the
+  output and the log-sum-exp and recomputes the scores in backward (O(N)). Per layer
+  besides: one device keeps the global queries' mask (G x N, fp32) and rows; under cp a rank
+  keeps its key/value buffers, read from its plan (parallel.cp_plan.rank_plan): the
+  interior's random buffer [received | local drawn blocks] and the boundary buffer [halo |
+  edge | halo | random] (each as k and v), plus the global rows and their output (4 G), the
+  global queries' partial softmax over its keys (G x T per head) and the copies its matmuls
+  make of k and v where they are views of the projection's output (the encoder's k and v,
+  the decoder's v; T each), or that output itself (3 T) where batch and heads merge into one
+  view. With attention.layers each layer counts with its own pattern (a distinct pattern's
+  plan once, with the random draw of its first layer). With `model.recompute` a layer keeps
+  only its input (d per token) and one layer at a time is recomputed in full. Outside the
+  layers: the decoder's final RMSNorm (3 d / tp with sequence parallelism) on the last stage;
+  the encoder's embedding LayerNorm input (the embeddings' sum, d, whole under sequence
+  parallelism: the split is a view of it), its statistics and the position rows (int64) on
+  the first stage, its MLM head on the last (the dense's input and output, the GELU's
+  output, the LayerNorm's output, 4 d / tp with sequence parallelism).
   Pipeline (1F1B): stage s holds min(pp - s, grad_accum) micro-batches in flight, and the
   stage outputs it has sent (d per token each). The peak adds, on the last stage, the logits:
   Megatron's vocab-parallel cross entropy keeps the fp32 logits and their softmax (2 x V / tp
-  per token, 8 bytes; bf16 10: the bf16 logits, their fp32 copy, the softmax), the local
-  engine's log-softmax, its gradient and the input gradient (3 x V); elsewhere one layer's
-  backward workspace (the SwiGLU gradients 2 h / tp plus d per token, the kernel's chunk of
-  scores, 8 MiB) and on the first stage the embedding's dense weight gradient (V / tp x d).
+  per token, 8 bytes; bf16 10: the bf16 logits, their fp32 copy, the softmax; with sequence
+  parallelism and micro-batches of more than one sequence 4 more: the LM head's [n, b, V]
+  output is copied into a contiguous one), the local engine's log-softmax, its gradient and
+  the input gradient (3 x V); elsewhere one layer's backward workspace (the SwiGLU gradients
+  2 h / tp plus d per token, the kernel's chunk of scores, 8 MiB) and on the first stage the
+  embeddings' dense weight gradients ((V / tp + the encoder's position and token-type rows)
+  x d).
 - bf16 (assumed, not measured here: the checks run on CPU in fp32): 2-byte activations
   throughout (the fused GPU kernel takes bf16 q, k, v), fp32 RoPE tables and statistics.
   Not modelled: the CUDA context, NCCL buffers, the caching allocator's fragmentation and
-  the kernels' own workspaces beyond the blocked kernel's chunk; `plan_layouts` keeps
-  `headroom` of each GPU free for them.
+  the kernels' own workspaces beyond the blocked kernel's chunk; the samples' own global
+  tokens (data.global_doc_starts: G is the pattern's); `plan_layouts` keeps `headroom` of
+  each GPU free for them.
 Measured on CPU (fp32, glibc's mmap threshold fixed so that the peak resident set is the peak
-of live tensors): the estimate is within 15% of the peak RSS growth of short training runs of
-the demo model at 1 rank, tp2, pp2, cp2 and dp2 (tests/distributed/test_plan_memory.py).
+of live tensors; tests/distributed/test_plan_memory.py): the estimate is within 15% of the
+peak RSS growth of short training runs of the demo model at 1 rank, tp2, tp2 with sequence
+parallelism, pp2, cp2 and dp2, and of the demo's sizes as the encoder at 1 rank, tp2, tp2
+with sequence parallelism, pp2 and cp2 (estimate / peak: decoder 0.92-1.02, encoder
+0.89-1.04; the lowest, 0.92 and 0.89, are one process with recomputation).
 
 Traffic (bytes one rank sends per optimizer step, the most loaded rank of each kind; ring
 collectives: an all-reduce of S bytes sends 2 (n-1)/n S per rank, reduce-scatter and
 all-gather (n-1)/n S; activations of 4 or 2 bytes):
 - tp: per layer and micro-batch two all-reduces of T x d forward (attention and MLP outputs)
   and two backward (the inputs' gradients of the qkv and up projections; a third with global
-  projections), again forward under recompute; the embedding's output forward and the LM
-  head input's gradient backward; the vocab-parallel cross entropy's three of T floats.
-  Sequence parallelism replaces each all-reduce by an all-gather and a reduce-scatter: the
-  same bytes.
+  projections), again forward under recompute; the embedding's output forward (first stage)
+  and the LM head input's gradient backward and the vocab-parallel cross entropy's three of
+  T floats (last stage); the busier stage. Sequence parallelism replaces each all-reduce by
+  an all-gather and a reduce-scatter: the same bytes, except the encoder's embedding
+  (ModelBase.sums_embeddings: Megatron's rule for embeddings summed before the split), which
+  all-reduces whole forward and whose split all-gathers the gradient backward (1.5 times an
+  all-reduce); and once per step the fp32 gradients of the replicated parameters that see a
+  sequence shard (norms, row layers' biases, the MLM head's dense) are all-reduced.
 - pp: each micro-batch's stage output forward and its gradient backward (T x d; / tp with
   sequence parallelism): a middle stage sends both, the first and last one each; the tied
   embedding's gradient all-reduce between the first and last stage once per step (fp32).
@@ -78,7 +107,7 @@ all-gather (n-1)/n S; activations of 4 or 2 bytes):
   merge, random or pool) and, backward, the gradients of what the rank received (the
   reverse exchange), forward again under recompute.
 - dp: the distributed optimizer's reduce-scatter of the fp32 gradients and all-gather of the
-  parameters over the dp x cp ranks, once per step (zero with one such rank).
+  parameters that train over the dp x cp ranks, once per step (zero with one such rank).
 Sorting (`plan_layouts`): layouts that fit first, by total bytes per step, then memory;
 `sort="memory"` orders by memory first. Legend: d d_model, h MLP width, H heads, D head dim,
 G global tokens, V padded vocabulary, T tokens of a micro-batch on one rank.
@@ -87,17 +116,18 @@ G global tokens, V padded vocabulary, T tokens of a micro-batch on one rank.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from functools import lru_cache
 
 import torch
 
+from model.registry import build_model
 from model.sparse import SparsityConfig
-from model.transformer import ModelArgs, Transformer
+from model.transformer import ModelArgs, ModelBase
 from parallel.cp_plan import rank_plan
 from parallel.layout import Layout, check_split
 from parallel.show import forward_bytes
-from parallel.tp_plan import tp_kind
+from parallel.tp_plan import is_vocab, split_view
 from parallel.traffic import all_gather_bytes, all_reduce_bytes
 
 __all__ = [
@@ -108,6 +138,7 @@ __all__ = [
     "check_modelled",
     "stage_parameters",
     "layer_activation_bytes",
+    "end_activation_bytes",
     "rank_memory",
     "estimate_memory",
     "cp_traffic_by_rank",
@@ -200,60 +231,137 @@ class LayoutPlan:
 # ---- parameters ------------------------------------------------------------------------------
 
 
+MODELLED = ("transformer", "encoder")
+"""The architectures (model.arch) whose activations the estimates count tensor by tensor."""
+
+
 def check_modelled(model: ModelArgs) -> None:
-    """Raise ValueError when the estimates do not model `model.arch` (they count the
-    decoder's tensors, model/transformer.py)."""
-    if model.arch != "transformer":
+    """Raise ValueError when the estimates do not model `model.arch` (they count the tensors
+    of the decoder, model/transformer.py, and of the encoder, model/encoder.py)."""
+    if model.arch not in MODELLED:
         raise ValueError(
-            f"model.arch={model.arch!r}: the planner models the decoder (model.arch=transformer) "
-            "only; its activation count is that model's, tensor by tensor"
+            f"model.arch={model.arch!r}: the planner models {' and '.join(MODELLED)}; its "
+            "activation count is each model's own, tensor by tensor"
         )
 
 
-def _parameter_shapes(model: ModelArgs, attention: SparsityConfig) -> tuple[tuple[str, int], ...]:
-    """(name, elements) of the single-process model, built on the meta device."""
+@dataclass(frozen=True)
+class _Param:
+    """A parameter of the single-process model: its name and full shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    trainable: bool
+    """requires_grad: a frozen parameter (the encoder's pooler) has no gradient and no
+    optimizer state."""
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What the planner reads of the single-process model (model.transformer.ModelBase)."""
+
+    params: tuple[_Param, ...]
+    first_stage: tuple[str, ...]
+    last_stage: tuple[str, ...]
+    whole_sequence: tuple[str, ...]
+    sums_embeddings: bool
+
+
+def _built(model: ModelArgs, attention: SparsityConfig) -> _Built:
+    """The model.registry model of `model`, built on the meta device (once per shape)."""
     check_modelled(model)
+    return _build(astuple(model), attention)
+
+
+@lru_cache(maxsize=32)
+def _build(fields: tuple, attention: SparsityConfig) -> _Built:
+    """_built's work, keyed by the ModelArgs fields (ModelArgs itself is not hashable)."""
     with torch.device("meta"):
-        net = Transformer(model, attention)
-    return tuple((name, math.prod(shape)) for name, shape in net.parameter_shapes())
+        net = build_model(ModelArgs(*fields), attention)
+    assert isinstance(net, ModelBase)
+    params = tuple(
+        _Param(name, tuple(p.shape), p.requires_grad) for name, p in net.named_parameters()
+    )
+    return _Built(params, net.first_stage, net.last_stage, net.whole_sequence, net.sums_embeddings)
 
 
-def _tp_kind(name: str) -> str | None:
-    return tp_kind(name.rsplit(".", 1)[0])
+def _on_stage(name: str, built: _Built, layers: set[int], first: bool, last: bool) -> bool:
+    """Whether parameter `name` is on a stage (parallel.parallelize): its blocks, the model's
+    first_stage modules on the first, its last_stage ones on the last, the rest everywhere."""
+    top = name.split(".")[0]
+    if top == "blocks":
+        return int(name.split(".")[1]) in layers
+    if top in built.first_stage:
+        return first
+    if top in built.last_stage:
+        return last
+    return True
+
+
+def _split_over_tp(param: _Param, model: ModelArgs) -> bool:
+    """Whether tensor parallelism splits `param` (parallel.tp_plan): the vocabulary's rows, the
+    projections' weights, the column layers' biases; not a row layer's bias, norms, positions,
+    the MLM head's dense."""
+    return is_vocab(param.name) or split_view(param.name, torch.Size(param.shape), model)[1] >= 0
+
+
+def _rank_numel(param: _Param, model: ModelArgs, vocab: int, tp: int) -> int:
+    """Elements of `param` on one tp rank: vocabulary rows `vocab` / tp, a split tensor / tp,
+    a replicated one whole."""
+    if is_vocab(param.name):
+        return vocab // tp * math.prod(param.shape[1:])
+    return math.prod(param.shape) // (tp if _split_over_tp(param, model) else 1)
+
+
+def _stage_params(
+    model: ModelArgs, attention: SparsityConfig, layout: Layout, stage: int
+) -> list[_Param]:
+    """The parameters of pipeline stage `stage` (full shapes), the last stage's copy of a tied
+    embedding included."""
+    built = _built(model, attention)
+    first, last = stage == 0, stage == layout.pp - 1
+    layers = set(layout.layers_of_stage(model.n_layers, stage))
+    params = [p for p in built.params if _on_stage(p.name, built, layers, first, last)]
+    if model.tie_embeddings and last and not first:
+        params.append(_Param("lm_head.weight", (model.vocab_size, model.d_model), True))
+    return params
 
 
 def stage_parameters(
-    model: ModelArgs, attention: SparsityConfig, layout: Layout, stage: int, padded: bool = True
+    model: ModelArgs,
+    attention: SparsityConfig,
+    layout: Layout,
+    stage: int,
+    padded: bool = True,
+    trainable: bool = False,
 ) -> int:
     """Parameters one tensor-parallel rank of pipeline stage `stage` holds (parallel.parallelize:
-    its blocks, the embedding first, the final norm and LM head last, the projections and
-    the vocabulary split over tp, the norms whole). `padded`: the vocabulary padded as
-    Megatron's engine pads it (Layout.padded_vocab); the local engine does not."""
-    first, last = stage == 0, stage == layout.pp - 1
-    layers = set(layout.layers_of_stage(model.n_layers, stage))
+    its blocks, the model's first-stage modules (embeddings) first, its last-stage ones (final
+    norm or MLM head, LM head) last; split over tp as parallel.tp_plan splits them). `padded`:
+    the vocabulary padded as Megatron's engine pads it (Layout.padded_vocab); the local engine
+    does not. `trainable`: only those that train (requires_grad; not the encoder's pooler)."""
     vocab = layout.padded_vocab(model.vocab_size) if padded else model.vocab_size
-    vocab_rows = vocab // layout.tp
-    total = 0
-    shapes = list(_parameter_shapes(model, attention))
-    if model.tie_embeddings and last and not first:  # the last stage's copy of the embedding
-        shapes.append(("lm_head.weight", model.vocab_size * model.d_model))
-    for name, numel in shapes:
-        if name.startswith("blocks."):
-            if int(name.split(".")[1]) not in layers:
-                continue
-        elif name.startswith(("embed.", "etc")):
-            if not first:
-                continue
-        elif not last:  # the final norm and the LM head
-            continue
-        kind = _tp_kind(name)
-        if kind in ("embedding",) or name.startswith("lm_head."):
-            total += vocab_rows * model.d_model
-        elif kind is None:
-            total += numel
-        else:
-            total += numel // layout.tp
-    return total
+    return sum(
+        _rank_numel(param, model, vocab, layout.tp)
+        for param in _stage_params(model, attention, layout, stage)
+        if param.trainable or not trainable
+    )
+
+
+def _sequence_parallel_params(
+    model: ModelArgs, attention: SparsityConfig, layout: Layout, stage: int
+) -> int:
+    """Elements of the stage's replicated trainable parameters that see one sequence shard under
+    sequence parallelism (norms, row layers' biases, the MLM head's dense): their gradients are
+    all-reduced over tp once per step (parallel.parallelize.ParallelStage)."""
+    built = _built(model, attention)
+    return sum(
+        math.prod(param.shape)
+        for param in _stage_params(model, attention, layout, stage)
+        if param.trainable
+        and not _split_over_tp(param, model)
+        and param.name.split(".")[0] not in built.whole_sequence
+    )
 
 
 # ---- activations -----------------------------------------------------------------------------
@@ -288,6 +396,11 @@ def _global_count(attention: SparsityConfig, seq_len: int) -> int:
     return int(attention.global_positions(seq_len).numel())
 
 
+def _sp(work: Workload, layout: Layout) -> int:
+    """The sequence-parallel split of the tensors outside the tp regions (1 without)."""
+    return layout.tp if work.sequence_parallel and layout.tp > 1 else 1
+
+
 def layer_activation_bytes(
     model: ModelArgs,
     attention: SparsityConfig,
@@ -304,15 +417,24 @@ def layer_activation_bytes(
     heads = model.n_heads // tp
     n_local = work.seq_len // cp
     tokens = work.micro_batch_size * n_local
-    norms = 6 * d // (tp if work.sequence_parallel and tp > 1 else 1)
+    encoder = model.arch == "encoder"
     n_glob = _global_count(attention, work.seq_len)
-    # q, k, a copy of v, the output, the output projection's input; and the tensors the
-    # global rows are gathered from: on one device k and the projection's output [q | k | v]
-    # (kept even without global tokens: a gather saves its input), under cp a stack of q, k, v.
+    # q, k, v (the kernel's contiguous copies of the projection's views: the encoder's three,
+    # the decoder's v; its q and k are RoPE's outputs), the output, the output projection's
+    # input; and the tensors the global rows are gathered from: on one device the projection's
+    # output [q | k | v] (kept even without global tokens: a gather saves its input), under
+    # cp a stack of q, k, v.
     attn = (8 if cp == 1 or n_glob else 5) * d
-    attn += 5 * d if attention.global_projections else 0
+    if attention.global_projections and not encoder:  # [q | k | v], rotated q and k
+        attn += 5 * d
+    elif attention.global_projections and cp == 1 and n_glob:  # [q | k | v] the rows come from
+        attn += 3 * d
     mlp = 4 * h if model.mlp == "swiglu" else 2 * h
-    per_token = p * (norms + (attn + mlp) // tp) + 4 * (2 * hd + heads + 2)
+    if encoder:  # post-LN: the block's input, each LayerNorm's input, the first one's output
+        norms, fp32_per_token = 4 * d, 4 + heads  # the norms' mean and rstd, log-sum-exp
+    else:  # pre-norm RMSNorm: input, normalised and scaled; RoPE's cos and sin
+        norms, fp32_per_token = 6 * d, 2 + heads + 2 * hd
+    per_token = p * (norms // _sp(work, layout) + (attn + mlp) // tp) + 4 * fp32_per_token
     total = tokens * per_token
     row = work.micro_batch_size * heads * hd * p  # one token of k (or v) on this rank
     if cp == 1:
@@ -321,8 +443,33 @@ def layer_activation_bytes(
     else:
         total += 2 * _cp_kv_rows(attention, work.seq_len, cp, cp_rank, heads, layer) * row
         if n_glob:
-            total += 4 * n_glob * row + n_local * row  # global rows and output, a key copy
+            # The global queries' partial softmax multiplies by k and v: a copy of each that
+            # is a view of the projection's output (the encoder's k and v, the decoder's v),
+            # or, where batch and heads merge into one view, that output [q | k | v] itself.
+            views = 2 if encoder else 1
+            copies = views if work.micro_batch_size > 1 and heads > 1 else 3
+            total += 4 * n_glob * row + copies * n_local * row  # global rows and output
             total += work.micro_batch_size * heads * n_glob * n_local * p  # partial softmax
+    return total
+
+
+def end_activation_bytes(
+    model: ModelArgs, work: Workload, layout: Layout, first: bool, last: bool
+) -> int:
+    """Bytes the first stage's embeddings and the last stage's head keep for the backward over
+    one micro-batch on one rank, the logits aside (module docstring)."""
+    d, p, sp = model.d_model, work.value_bytes, _sp(work, layout)
+    tokens = work.micro_batch_size * work.seq_len // layout.cp
+    total = 0
+    if model.arch == "encoder":
+        if first:  # the LayerNorm's input (the embeddings' sum: under sequence parallelism
+            # a view of the whole one) and its mean and rstd; the position embedding's rows
+            total += tokens * d * p + tokens * 2 * 4 // sp + tokens * 8
+        if last:  # the MLM head: the dense's input and output, the GELU's output, the
+            # LayerNorm's output (the LM head's input), its mean and rstd
+            total += tokens * (4 * d * p + 2 * 4) // sp
+    elif last:  # the final RMSNorm's input, normalised and scaled tensors
+        total += tokens * 3 * d * p // sp
     return total
 
 
@@ -341,7 +488,7 @@ def _stage_activation_bytes(
     first, last = stage == 0, stage == layout.pp - 1
     layers = layout.layers_of_stage(model.n_layers, stage)
     tokens = work.micro_batch_size * work.seq_len // layout.cp
-    sp = tp if work.sequence_parallel and tp > 1 else 1
+    sp = _sp(work, layout)
     per_layer = [
         (count, layer_activation_bytes(model, attention, work, layout, cp_rank, layer))
         for _, layer, count in _layer_groups(attention, model.n_layers, layers)
@@ -350,6 +497,7 @@ def _stage_activation_bytes(
         kept_layers = len(layers) * tokens * d * p // sp
     else:
         kept_layers = sum(count * n for count, n in per_layer)
+    kept_layers += end_activation_bytes(model, work, layout, first, last)
     in_flight = min(layout.pp - stage, work.grad_accum) if layout.pp > 1 else 1
     kept = in_flight * kept_layers
     if not last:
@@ -359,16 +507,20 @@ def _stage_activation_bytes(
         backward += max(n for _, n in per_layer)
     local = _local(work, layout)
     vocab_rows = (model.vocab_size if local else layout.padded_vocab(model.vocab_size)) // tp
-    if first:
-        backward += vocab_rows * d * 4  # the embedding's dense weight gradient
+    if first:  # the embeddings' dense weight gradients
+        positions = model.max_positions + model.type_vocab_size
+        backward += (vocab_rows + positions) * d * 4
     if not last:
         return kept + backward
-    head_kept = tokens * 3 * d * p // sp  # the final norm
     if local:
         per_logit = 3 * 4  # log-softmax, its gradient, the input gradient
     else:
         per_logit = 8 if work.precision == "fp32" else 10
-    return kept + head_kept + max(tokens * vocab_rows * per_logit, backward)
+        if sp > 1 and work.micro_batch_size > 1:
+            # The LM head's output is [n, b, V / tp] seen as [b, n, V / tp]: the loss copies
+            # it into a contiguous one as well.
+            per_logit += 4
+    return kept + max(tokens * vocab_rows * per_logit, backward)
 
 
 def _local(work: Workload, layout: Layout) -> bool:
@@ -388,11 +540,12 @@ def rank_memory(
     training step under `layout` (module docstring)."""
     local = _local(work, layout)
     params = stage_parameters(model, attention, layout, stage, padded=not local)
+    trained = stage_parameters(model, attention, layout, stage, not local, trainable=True)
     optim_bytes = 8 + (4 if work.precision == "bf16" else 0)
     return MemoryEstimate(
         params=params * work.value_bytes,
-        grads=params * 4,
-        optimizer=-(-params * optim_bytes // (layout.dp * layout.cp)),
+        grads=trained * 4,
+        optimizer=-(-trained * optim_bytes // (layout.dp * layout.cp)),
         activations=_stage_activation_bytes(model, attention, work, layout, stage, cp_rank),
         where=f"pp stage {stage}, cp rank {cp_rank}",
         grads_at_peak=not local,
@@ -476,30 +629,46 @@ def cp_traffic_by_rank(
     return out
 
 
+def _tp_stage_bytes(
+    model: ModelArgs, attention: SparsityConfig, work: Workload, layout: Layout, stage: int
+) -> int:
+    """Bytes a tp rank of pipeline stage `stage` sends over its tp group per optimizer step."""
+    d, p, tp = model.d_model, work.value_bytes, layout.tp
+    first, last = stage == 0, stage == layout.pp - 1
+    tokens = work.micro_batch_size * work.seq_len // layout.cp
+    act = all_reduce_bytes(tokens * d * p, tp)  # T x d (or an all-gather + reduce-scatter)
+    forwards = 2 if model.recompute else 1
+    backward_reductions = 3 if attention.global_projections else 2
+    layers = len(layout.layers_of_stage(model.n_layers, stage))
+    micro_batch = layers * (2 * forwards + backward_reductions) * act
+    if first:  # the embedding's output forward (sequence parallelism: reduced and scattered)
+        micro_batch += act
+        if work.sequence_parallel and _built(model, attention).sums_embeddings:
+            # Megatron's rule for embeddings summed before the split: the word embedding
+            # all-reduces whole, the split's backward all-gathers the gradient.
+            micro_batch += all_gather_bytes(tokens * d * p, tp)
+    if last:  # the LM head input's gradient, the vocab-parallel cross entropy's reductions
+        micro_batch += act + 3 * all_reduce_bytes(tokens * 4, tp)
+    per_step = 0
+    if work.sequence_parallel:  # the gradients of the replicated parameters of one shard
+        per_step = all_reduce_bytes(
+            4 * _sequence_parallel_params(model, attention, layout, stage), tp
+        )
+    return work.grad_accum * micro_batch + per_step
+
+
 def step_traffic(
     model: ModelArgs, attention: SparsityConfig, work: Workload, layout: Layout
 ) -> dict[str, int]:
     """Bytes the most loaded rank of each kind sends per optimizer step (module docstring)."""
     d, p, tp, pp, cp = model.d_model, work.value_bytes, layout.tp, layout.pp, layout.cp
-    micro = work.grad_accum
     tokens = work.micro_batch_size * work.seq_len // cp
-    n_layers = model.n_layers // pp
-    forwards = 2 if model.recompute else 1
     out = dict.fromkeys(TRAFFIC_KINDS, 0)
     if tp > 1:
-        act = tokens * d * p
-        backward_reductions = 3 if attention.global_projections else 2
-        per_layer = (2 * forwards + backward_reductions) * all_reduce_bytes(act, tp)
-        stage = n_layers * per_layer
-        # The embedding's output forward (first stage), the LM head input's gradient backward
-        # and the cross entropy's three reductions (last stage, the busier one).
-        ends = all_reduce_bytes(act, tp) * (2 if pp == 1 else 1)
-        loss = 3 * all_reduce_bytes(tokens * 4, tp)
-        out["tp"] = micro * (stage + ends + loss)
+        out["tp"] = max(_tp_stage_bytes(model, attention, work, layout, s) for s in range(pp))
     if pp > 1:
-        sp = tp if work.sequence_parallel and tp > 1 else 1
-        send = tokens * d * p // sp
-        out["pp"] = micro * send * (2 if pp > 2 else 1)
+        send = tokens * d * p // _sp(work, layout)
+        out["pp"] = work.grad_accum * send * (2 if pp > 2 else 1)
         if model.tie_embeddings:
             vocab_rows = layout.padded_vocab(model.vocab_size) // tp
             out["pp"] += all_reduce_bytes(vocab_rows * d * 4, 2)
@@ -507,8 +676,10 @@ def step_traffic(
     for kind in ("cp_halo", "cp_global", "cp_random"):
         out[kind] = max(r[kind] for r in cp_ranks)
     shard = layout.dp * cp
-    if shard > 1:
-        params = max(stage_parameters(model, attention, layout, s) for s in range(pp))
+    if shard > 1:  # the parameters that train (the distributed optimizer's buffers)
+        params = max(
+            stage_parameters(model, attention, layout, s, trainable=True) for s in range(pp)
+        )
         out["dp"] = all_gather_bytes(params * 4, shard) + all_gather_bytes(params * p, shard)
     return out
 

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     usable = (1 - args.headroom) * args.gpu_memory
     engine = "Megatron-core" if args.gpus > 1 or not work.local_engine else "local"
     print(
-        f"{args.config}: {args.gpus} GPUs of {args.gpu_memory:g} GiB ({usable:.3g} GiB usable), "
+        f"{args.config} (model.arch {cfg.model.arch}): {args.gpus} GPUs of {args.gpu_memory:g} "
+        f"GiB ({usable:.3g} GiB usable), "
         f"seq_len {t.seq_len}, micro-batch {t.micro_batch_size} x {t.grad_accum} per data rank, "
         f"{cfg.optim.precision}, recompute {'on' if cfg.model.recompute else 'off'}, "
         f"{engine} engine; the most loaded rank of each layout, bytes sent per optimizer "

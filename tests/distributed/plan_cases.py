@@ -36,17 +36,25 @@ class MemCase:
     dp: int = 1
     micro_batch_size: int = 2
     grad_accum: int = 1
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (tp > 1)."""
     local: bool = False
     """The local engine in one process (what the trainer runs without parallel degrees);
     else Megatron's engine on the case's layout."""
     overrides: tuple[str, ...] = ()
-    """Recipe overrides (model size, recompute)."""
+    """Recipe overrides (model size, recompute, the architecture)."""
     on_rank: int = 0
     """Local cases: the rank that runs it (two of them run side by side)."""
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def layout(self) -> Any:
+        from parallel.layout import Layout
+
+        return Layout(self.tp, self.pp, self.cp, self.dp, self.sequence_parallel)
 
     def config(self) -> Any:
         from train.config import load_config
@@ -106,7 +114,7 @@ def _run(case: MemCase) -> Measured:
     schedule = ScheduleArgs(warmup_steps=1, min_lr=cfg.schedule.min_lr)
     layout, groups = None, None
     if not case.local:
-        layout = Layout(case.tp, case.pp, case.cp, case.dp)
+        layout = case.layout
         groups = layout.initialize()
     dp_rank = 0 if groups is None else groups.dp_rank
     data = _batches(cfg.model.vocab_size, case, cfg.train.seq_len, seed=dp_rank)

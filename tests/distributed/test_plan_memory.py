@@ -2,8 +2,10 @@
 
 Short training runs of the demo recipe's model (configs/demo.yaml: 4 layers, d=128, vocab
 4096, 2048 tokens) under the local engine (one process, with and without recomputation,
-micro-batches of 1 sequence) and Megatron's engine at tp2, pp2 (1F1B, 2 micro-batches of 1)
-and cp2 (micro-batches of 2) run in one spawn of 2 gloo ranks (plan_cases.py). Each rank
+micro-batches of 1 sequence) and Megatron's engine at tp2, tp2 with sequence parallelism, pp2
+(1F1B, 2 micro-batches of 1) and cp2 (micro-batches of 2) run in one spawn of 2 gloo ranks
+(plan_cases.py); the same layouts of the demo's sizes as the encoder (model.arch=encoder:
+learned positions, post-LN, biases, GELU MLP, MLM head, a frozen pooler) in another. Each rank
 reports how much its peak resident memory grew over its baseline during two steps; the
 baseline is the RSS just before the engine is built, with torch, megatron-core and the
 process group loaded and a tiny model trained for two steps (what torch loads on first
@@ -15,8 +17,10 @@ CUDA (the allocator's max_memory_allocated). With the default, adaptive threshol
 freed tensors in its heap, and in this sequence of runs the peak RSS was 12-51% above the
 estimate. Also checked: each rank's parameter count exactly, and under cp the bytes per step
 each rank's exchanges sent (TrafficCounter) against parallel.plan.cp_traffic_by_rank.
+Measurements, all marked bench (make bench):
 
-    python -m pytest -q tests/distributed/test_plan_memory.py            # 40-65 s, 2 cores
+    python -m pytest -q -m bench tests/distributed/test_plan_memory.py -k demo      # ~45 s
+    python -m pytest -q -m bench tests/distributed/test_plan_memory.py -k encoder   # ~50 s
     python -m pytest -q -m bench tests/distributed/test_plan_memory.py   # + the heavier set
 """
 
@@ -27,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from parallel.layout import Layout
 from parallel.plan import Workload, cp_traffic_by_rank, rank_memory, stage_parameters
 from tests.distributed.harness import run_ranks
 from tests.distributed.plan_cases import Measured, MemCase, measure_rank
@@ -46,8 +49,30 @@ FAST = [
         overrides=("model.recompute=true",),
     ),  # fmt: skip
     MemCase("tp2", tp=2),
+    MemCase("tp2 + SP", tp=2, sequence_parallel=True),
     MemCase("pp2", pp=2, micro_batch_size=1, grad_accum=2),  # stage 0 keeps 2 in flight
     MemCase("cp2", cp=2),
+]
+ENCODER = (
+    "model.arch=encoder", "model.mlp=gelu", "model.max_positions=2048",
+    "model.type_vocab_size=1", "model.pooler=true", "attention.causal=false",
+    "data.objective=mlm",
+)  # fmt: skip
+"""The demo's sizes as the encoder (model/encoder.py): learned positions, post-LN, biases, GELU
+MLP of 512, MLM head, the frozen pooler; the demo pattern, bidirectional."""
+ENCODER_CASES = [
+    MemCase("encoder, one process", local=True, on_rank=0, micro_batch_size=1, overrides=ENCODER),
+    MemCase(
+        "encoder, one process, rec",
+        local=True,
+        on_rank=1,
+        micro_batch_size=1,
+        overrides=(*ENCODER, "model.recompute=true"),
+    ),  # fmt: skip
+    MemCase("encoder tp2", tp=2, overrides=ENCODER),
+    MemCase("encoder tp2 + SP", tp=2, sequence_parallel=True, overrides=ENCODER),
+    MemCase("encoder pp2", pp=2, micro_batch_size=1, grad_accum=2, overrides=ENCODER),
+    MemCase("encoder cp2", cp=2, overrides=ENCODER),
 ]
 BIG = ("model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.ffn_hidden=1536")
 HEAVY = [  # the recipe's micro-batch of 4, dp, and a model whose parameters dominate
@@ -63,8 +88,11 @@ HEAVY = [  # the recipe's micro-batch of 4, dp, and a model whose parameters dom
 
 def _estimate(m: Measured):
     case, cfg = m.case, m.case.config()
-    layout = Layout(case.tp, case.pp, case.cp, case.dp)
-    work = Workload(cfg.train.seq_len, case.micro_batch_size, case.grad_accum)
+    layout = case.layout
+    work = Workload(
+        cfg.train.seq_len, case.micro_batch_size, case.grad_accum,
+        sequence_parallel=case.sequence_parallel,
+    )  # fmt: skip
     memory = rank_memory(cfg.model, cfg.attention, work, layout, m.pp_rank, m.cp_rank)
     params = stage_parameters(cfg.model, cfg.attention, layout, m.pp_rank)
     traffic = cp_traffic_by_rank(cfg.model, cfg.attention, work, layout)[m.cp_rank]
@@ -113,7 +141,14 @@ def _check(cases: list[MemCase], tmp_path: Path, monkeypatch) -> list[str]:
 @pytest.mark.timeout(300)
 def test_estimate_matches_the_peak_of_demo_layouts(tmp_path, monkeypatch):
     rows = _check(FAST, tmp_path, monkeypatch)
-    assert len([r for r in rows if "rank" in r]) == 8  # 2 one-process runs + 3 layouts x 2 ranks
+    assert len([r for r in rows if "rank" in r]) == 10  # 2 one-process runs + 4 layouts x 2 ranks
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(300)
+def test_estimate_matches_the_peak_of_encoder_layouts(tmp_path, monkeypatch):
+    rows = _check(ENCODER_CASES, tmp_path, monkeypatch)
+    assert len([r for r in rows if "rank" in r]) == 10  # 2 one-process runs + 4 layouts x 2 ranks
 
 
 @pytest.mark.bench

@@ -1,8 +1,9 @@
 """The layout planner (parallel.plan, python -m train.plan): its parts on one process.
 
 The per-layer activation count is checked against the tensors autograd really keeps (saved-
-tensor hooks on a forward of one block) for several patterns; the whole estimate against the
-peak memory of real training runs is tests/distributed/test_plan_memory.py.
+tensor hooks on a forward of one block) for several patterns of the decoder and the encoder,
+and a whole model's forward against the layers plus its embeddings and head; the whole
+estimate against the peak memory of real training runs is tests/distributed/test_plan_memory.py.
 
     python -m pytest -q tests/unit/test_plan.py
 """
@@ -15,6 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from model.registry import build_model
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs, Transformer
 from parallel.layout import Layout, check_split
@@ -22,6 +24,7 @@ from parallel.plan import (
     TRAFFIC_KINDS,
     Workload,
     candidate_layouts,
+    end_activation_bytes,
     estimate_memory,
     layer_activation_bytes,
     plan_layouts,
@@ -29,17 +32,23 @@ from parallel.plan import (
     stage_parameters,
     step_traffic,
 )
+from train.config import load_config
 from train.plan import main
 
 MODEL = ModelArgs(vocab_size=500, d_model=64, n_layers=4, n_heads=4)
 CAUSAL = SparsityConfig(
     block_size=32, window_blocks=3, global_blocks=1, random_blocks=2, causal=True
 )
+ENCODER = ModelArgs(
+    arch="encoder", vocab_size=500, d_model=64, n_layers=4, n_heads=4, mlp="gelu",
+    max_positions=1026, position_offset=2, type_vocab_size=1, pooler=True,
+)  # fmt: skip
+BIGBIRD = SparsityConfig(block_size=32, window_blocks=3, global_blocks=2, random_blocks=3)
 
 
-def _saved_bytes_of_one_block(model: ModelArgs, attention: SparsityConfig, batch: int, n: int):
-    """Bytes of the distinct storages autograd keeps for block 0's backward."""
-    net = Transformer(model, attention)
+def _saved_bytes(net: torch.nn.Module, forward) -> int:
+    """Bytes of the distinct storages (not parameters) autograd keeps for the backward of
+    `forward()`."""
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen: dict[int, int] = {}
 
@@ -49,11 +58,17 @@ def _saved_bytes_of_one_block(model: ModelArgs, attention: SparsityConfig, batch
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+def _saved_bytes_of_one_block(model: ModelArgs, attention: SparsityConfig, batch: int, n: int):
+    """Bytes of the distinct storages autograd keeps for block 0's backward."""
+    net = build_model(model, attention)
     x = torch.randn(batch, n, model.d_model, requires_grad=True)
     positions = torch.arange(n).expand(batch, n)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net.blocks[0](x, positions, 0, None)
-    return sum(seen.values())
+    return _saved_bytes(net, lambda: net.blocks[0](x, positions, 0, None))
 
 
 @pytest.mark.parametrize(
@@ -65,12 +80,38 @@ def _saved_bytes_of_one_block(model: ModelArgs, attention: SparsityConfig, batch
         (ModelArgs(vocab_size=500, d_model=64, n_heads=4, mlp="gelu"), CAUSAL),
         (MODEL, SparsityConfig(block_size=32, window_blocks=5, global_blocks=2,
                                global_projections=True)),
+        (ENCODER, BIGBIRD),
+        (ENCODER, SparsityConfig(block_size=32, window_blocks=3, random_blocks=2)),
+        (replace(ENCODER, mlp="gelu_tanh"),
+         SparsityConfig(block_size=32, window_tokens=128, global_blocks=1,
+                        global_projections=True)),
+        (ENCODER, SparsityConfig(block_size=32, window_tokens=128, global_projections=True)),
     ],
-    ids=["causal demo pattern", "no global", "bigbird", "gelu", "global projections"],
+    ids=["causal demo pattern", "no global", "bigbird", "gelu", "global projections",
+         "encoder bigbird", "encoder no global", "encoder longformer",
+         "encoder projections unused"],
 )  # fmt: skip
 def test_layer_activations_are_what_autograd_keeps(model, attention):
     measured = _saved_bytes_of_one_block(model, attention, batch=2, n=1024)
     estimate = layer_activation_bytes(model, attention, Workload(1024, 2), Layout())
+    assert estimate == pytest.approx(measured, rel=0.03), (estimate, measured)
+
+
+@pytest.mark.parametrize(
+    "model, attention", [(MODEL, CAUSAL), (ENCODER, BIGBIRD)], ids=["decoder", "encoder"]
+)
+def test_a_model_keeps_its_layers_embeddings_and_head(model, attention):
+    """The whole single-process forward: every layer, plus what the embeddings (the encoder's
+    sum and LayerNorm) and the head (final norm, or the MLM head) keep; the logits are the
+    loss's."""
+    model = replace(model, n_layers=2)
+    net = build_model(model, attention)
+    tokens = torch.randint(0, model.vocab_size, (2, 512))
+    positions = torch.arange(512).expand(2, 512)
+    measured = _saved_bytes(net, lambda: net(tokens, positions))
+    work, layout = Workload(512, 2), Layout()
+    layers = sum(layer_activation_bytes(model, attention, work, layout, 0, i) for i in range(2))
+    estimate = layers + end_activation_bytes(model, work, layout, first=True, last=True)
     assert estimate == pytest.approx(measured, rel=0.03), (estimate, measured)
 
 
@@ -88,6 +129,38 @@ def test_parameters_per_rank_add_up_to_the_model():
     tp2 = stage_parameters(MODEL, CAUSAL, Layout(tp=2), 0)
     norms = (2 * MODEL.n_layers + 1) * MODEL.d_model  # replicated on every tp rank
     assert tp2 == (whole + padding - norms) // 2 + norms
+
+
+def test_encoder_parameters_split_as_the_tp_plan_says():
+    """The encoder's biases, learned positions, token types, LayerNorms, MLM-head dense and the
+    frozen pooler, split per stage and over tp by hand (model/encoder.py, parallel/tp_plan.py)."""
+    d, layers, vocab = ENCODER.d_model, ENCODER.n_layers, ENCODER.vocab_size
+    whole = build_model(ENCODER, BIGBIRD).num_params()
+    pooler = d * d + d
+    assert stage_parameters(ENCODER, BIGBIRD, Layout(), 0, padded=False) == whole
+    assert stage_parameters(ENCODER, BIGBIRD, Layout(), 0, False, trainable=True) == whole - pooler
+    padding = (512 - vocab) * (d + 1)  # the embedding's rows and the LM head's bias
+    assert stage_parameters(ENCODER, BIGBIRD, Layout(), 0) == whole + padding
+    # Replicated over tp: positions, token type, the embedding LayerNorm; per layer two
+    # LayerNorms and the row layers' biases (attention out, MLP down); the MLM head's dense and
+    # LayerNorm; the pooler. Everything else (QKV and MLP-in with their biases, the attention
+    # out and MLP-down weights, the vocabulary) is halved.
+    replicated = (ENCODER.max_positions + 1 + 2) * d + layers * 6 * d + d * d + 3 * d + pooler
+    tp2 = stage_parameters(ENCODER, BIGBIRD, Layout(tp=2), 0)
+    assert tp2 == (whole + padding - replicated) // 2 + replicated
+    # pp2: the embeddings first; the MLM head, the LM head's bias, the pooler and a copy of the
+    # tied embedding last.
+    pp2 = Layout(pp=2)
+    first, last = (stage_parameters(ENCODER, BIGBIRD, pp2, s) for s in range(2))
+    assert first + last == whole + padding + 512 * d
+    blocks = first - (512 + ENCODER.max_positions + 1 + 2) * d  # two blocks a stage
+    assert last == blocks + (d * d + 3 * d) + 512 * (d + 1) + pooler
+    # The frozen pooler has neither a gradient nor optimizer state.
+    work = Workload(1024, 2, local_engine=False)
+    memory = rank_memory(ENCODER, BIGBIRD, work, Layout(), 0)
+    params = stage_parameters(ENCODER, BIGBIRD, Layout(), 0)
+    assert memory.params == 4 * params and memory.grads == 4 * (params - pooler)
+    assert memory.optimizer == 8 * (params - pooler)
 
 
 def test_memory_scales_as_the_layout_splits_it():
@@ -129,6 +202,25 @@ def test_traffic_by_kind():
     assert step_traffic(MODEL, pooled, work, Layout(cp=2))["cp_random"] < cp2["cp_random"]
     pp4 = step_traffic(MODEL, CAUSAL, work, Layout(pp=4))
     assert pp4["pp"] > 2 * 2 * tokens * 64 * 4  # two sends per micro-batch + the embedding
+
+
+def test_encoder_tp_traffic_with_sequence_parallelism():
+    """Sequence parallelism sends what the plain all-reduces send, except that the encoder's
+    embedding all-reduces whole and the split's backward all-gathers (Megatron's rule for
+    embeddings summed before the split), and the gradients of the replicated parameters that
+    see one shard are summed over tp once per step."""
+    work = Workload(1024, 2, grad_accum=2)
+    tokens, d = 2 * 1024, ENCODER.d_model
+    plain = step_traffic(ENCODER, BIGBIRD, work, Layout(tp=2))["tp"]
+    assert plain == 2 * ((4 * 4 + 2) * tokens * d * 4 + 3 * tokens * 4)
+    sp = step_traffic(ENCODER, BIGBIRD, replace(work, sequence_parallel=True), Layout(tp=2))
+    # LayerNorms (embedding, 2 a layer, head), row biases (2 a layer), the head's dense; not the
+    # positions and token type (they see the whole sequence) nor the frozen pooler.
+    shard_params = 2 * d + 4 * (4 * d + 2 * d) + d * d + d + 2 * d
+    assert sp["tp"] == plain + 2 * tokens * d * 4 // 2 + shard_params * 4
+    decoder = step_traffic(MODEL, CAUSAL, replace(work, sequence_parallel=True), Layout(tp=2))
+    norms = (2 * 4 + 1) * MODEL.d_model  # the decoder's embedding reduce-scatters
+    assert decoder["tp"] == step_traffic(MODEL, CAUSAL, work, Layout(tp=2))["tp"] + norms * 4
 
 
 def test_candidates_follow_the_split_rules():
@@ -205,6 +297,15 @@ def test_layers_with_their_own_patterns_count_their_own_plans():
     assert whole.activations != estimate_memory(MODEL, CAUSAL, work, cp2).activations
 
 
-def test_an_architecture_it_does_not_model_is_refused():
-    with pytest.raises(ValueError, match="model.arch='encoder'.*decoder"):
-        plan_layouts(replace(MODEL, arch="encoder"), CAUSAL, Workload(1024, 2), 2, 2**30)
+def test_cli_plans_the_encoder(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    encoder = ["model.arch=encoder", "model.mlp=gelu", "model.max_positions=2048",
+               "model.pooler=true", "attention.causal=false", "data.objective=mlm"]  # fmt: skip
+    args = ["--config", "configs/demo.yaml", "--gpus", "4", "--gpu-memory", "1"]
+    assert main([*args, "--json", str(out), *encoder]) == 0
+    assert "model.arch encoder" in capsys.readouterr().out
+    cfg = load_config("configs/demo.yaml", encoder)
+    plans = {(p["tp"], p["pp"], p["cp"], p["dp"]): p for p in json.loads(out.read_text())}
+    params = stage_parameters(cfg.model, cfg.attention, Layout(dp=4), 0)  # with the pooler
+    assert plans[1, 1, 1, 4]["memory_bytes"]["params"] == 4 * params
+    assert plans[1, 1, 1, 4]["memory_bytes"]["grads"] < 4 * params
