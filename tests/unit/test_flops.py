@@ -136,6 +136,7 @@ def test_measured_peak_times_the_models_matmuls_and_a_square_one(monkeypatch):
     assert working_matmuls(big, 65_536) == ((2048, 2048, 2048),)  # capped: no faster, longer
 
 
+@pytest.mark.bench  # a timing assertion: make bench, on a quiet machine, not make test
 @pytest.mark.skipif(
     os.getloadavg()[0] > (os.cpu_count() or 1),
     reason="the machine is oversubscribed: OpenMP threads wait for a core, timings say nothing",
