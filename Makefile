@@ -33,6 +33,7 @@ test: lint
 bench: setup
 	$(BIN)/python -m pytest -q -m "bench or slow"
 	$(BIN)/python -m benchmarks.attention
+	$(BIN)/python -m benchmarks.encoder_hf
 	$(BIN)/python -m benchmarks.context_parallel
 	$(BIN)/python -m benchmarks.cp_overlap
 	$(BIN)/python -m benchmarks.data

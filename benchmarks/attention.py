@@ -24,12 +24,10 @@ against the dense masked oracle at the smallest N, and writes JSON
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.measure import measure_quietly, quiet_matmul, run_child
 from model.sparse import SparsityConfig, count_pairs, reference_attention, sparse_attention
 from train.memory import peak_kib, reset_peak, rss_kib
 
@@ -234,102 +233,23 @@ def run_one(impl: str, n: int, reps: int) -> dict[str, Any]:
     }
 
 
-# ---- how busy the (possibly shared) machine is ----------------------------------------------
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds spent busy so far by the whole machine, all CPUs (/proc/stat)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-class OtherLoad:
-    """Share of the machine's CPUs used by processes other than this one and its children
-    between `start()` and `share()`: a measure of how noisy a timing on a shared machine is."""
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-        self.busy0 = _machine_busy_seconds()
-        self.mine0 = _children_cpu_seconds() + time.process_time()
-
-    def share(self) -> float:
-        wall = time.perf_counter() - self.t0
-        mine = _children_cpu_seconds() + time.process_time() - self.mine0
-        others = _machine_busy_seconds() - self.busy0 - mine
-        return max(0.0, others / (wall * (os.cpu_count() or 1)))
-
-
-def wait_for_idle(threshold: float, max_wait: float) -> float:
-    """Sample the other processes' CPU share each second until it is <= threshold or
-    max_wait seconds passed; returns the last sample (0.0 when max_wait is 0)."""
-    if max_wait <= 0:
-        return 0.0
-    deadline = time.perf_counter() + max_wait
-    load = OtherLoad()
-    while True:
-        load.start()
-        time.sleep(1.0)
-        share = load.share()
-        if share <= threshold or time.perf_counter() >= deadline:
-            return share
+# ---- one measurement in a fresh process --------------------------------------------------
 
 
 def measure(impl: str, n: int, reps: int, timeout: float) -> dict[str, Any]:
-    """Run `--one impl n` in a fresh process; an error becomes a record, not a crash.
-    Records `other_cpu_share`, the CPU share other processes took while it ran."""
+    """Run `--one impl n` in a fresh process (benchmarks.measure.run_child); an error becomes
+    a record, not a crash."""
     cmd = [sys.executable, "-m", "benchmarks.attention", "--one", impl, str(n), "--reps", str(reps)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    load = OtherLoad()
-    load.start()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"impl": impl, "n": n, "status": "error", "error": f"timed out after {timeout}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT ") :])
-            result["other_cpu_share"] = load.share()
-            return result
-    tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-    reason = f"exit {proc.returncode}" + (
-        " (killed: out of memory?)" if proc.returncode < 0 else ""
-    )
-    return {"impl": impl, "n": n, "status": "error", "error": f"{reason}: {tail}"}
+    return run_child(cmd, {"impl": impl, "n": n}, timeout, THREADS)
 
 
 # ---- machine, flops and exactness -----------------------------------------------------------
-
-
-def matmul_gflops(size: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
 
 
 def pairs(impl: str, n: int) -> int:
     if impl == "dense_sdpa":
         return BATCH * HEADS * n * n
     return BATCH * count_pairs(sparsity(impl), n, n_heads=HEADS)
-
-
-def quiet_matmul(args: argparse.Namespace) -> dict[str, float]:
-    wait_for_idle(args.busy_threshold, args.wait_idle)
-    load = OtherLoad()
-    load.start()
-    gflops = matmul_gflops()
-    return {"gflops": gflops, "other_cpu_share": load.share()}
 
 
 def exactness(n: int) -> dict[str, Any]:
@@ -423,32 +343,6 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"target {name} at N={report['targets']['n']}: {t['value']} -> met={t['met']}")
 
 
-def measure_quietly(impl: str, n: int, reps: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Wait for a quiet machine, measure; re-measure (up to --retries) while other processes
-    took more than --busy-threshold of the CPUs, keeping the quietest attempt."""
-    best: dict[str, Any] | None = None
-    for attempt in range(args.retries + 1):
-        before = wait_for_idle(args.busy_threshold, args.wait_idle)
-        rec = measure(impl, n, reps, args.timeout)
-        rec["other_cpu_share_before"] = before
-        rec["attempts"] = attempt + 1
-        if rec["status"] != "ok":
-            return rec
-        if best is None or rec["other_cpu_share"] < best["other_cpu_share"]:
-            best = rec
-        if rec["other_cpu_share"] <= args.busy_threshold:
-            break
-        print(
-            f"  busy machine: others used {rec['other_cpu_share']:.0%} of the CPUs; "
-            "measuring again",
-            flush=True,
-        )
-    assert best is not None
-    best["attempts"] = rec["attempts"]
-    best["noisy"] = best["other_cpu_share"] > args.busy_threshold
-    return best
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=None)
@@ -492,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         if r["status"] == "skipped" or (r["status"] == "ok" and not r.get("noisy"))
     }
     print(f"fp32 matmul 2048^3 on {THREADS} threads ...", flush=True)
-    matmul_runs = previous.get("machine", {}).get("matmul_runs", []) + [quiet_matmul(args)]
+    matmul_runs = previous.get("machine", {}).get("matmul_runs", [])
+    matmul_runs = [*matmul_runs, quiet_matmul(args.busy_threshold, args.wait_idle)]
     if previous.get("exactness", {}).get("n") == min(ns):
         exact = previous["exactness"]
     elif args.skip_exactness:
@@ -515,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
             rec = {"impl": impl, "n": n, "status": "skipped", "reason": reason}
         else:
             t0 = time.perf_counter()
-            rec = measure_quietly(impl, n, reps, args)
+            rec = measure_quietly(
+                functools.partial(measure, impl, n, reps, args.timeout),
+                args.busy_threshold, args.wait_idle, args.retries,
+            )  # fmt: skip
             took = time.perf_counter() - t0
             what = (
                 f"{rec['seconds']:.3f} s, {rec['peak_mb']:.0f} MB, others "
@@ -531,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                 rec["useful_gflops"] = flops / rec["seconds"] / 1e9
         results.append(rec)
     print(f"fp32 matmul 2048^3 on {THREADS} threads, again ...", flush=True)
-    matmul_runs.append(quiet_matmul(args))
+    matmul_runs.append(quiet_matmul(args.busy_threshold, args.wait_idle))
     gflops = max(run["gflops"] for run in matmul_runs)
     for rec in results:
         if "useful_gflops" in rec:

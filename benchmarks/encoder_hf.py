@@ -29,11 +29,11 @@ Writes benchmarks/results/encoder_hf_cpu.json; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.attention import OtherLoad, quiet_matmul, wait_for_idle
+from benchmarks.measure import measure_quietly, quiet_matmul, run_child
 from model.registry import build_model
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
@@ -227,54 +227,18 @@ def run_one(impl: str, n: int, hf_dir: Path, reps: int, budget_gib: float) -> di
 
 
 def measure(impl: str, n: int, hf_dir: Path, reps: int, args: argparse.Namespace) -> dict:
-    """`--one impl n` in a fresh process; an error or the budget becomes a record."""
+    """`--one impl n` in a fresh process (benchmarks.measure.run_child); an error or the memory
+    budget becomes a record."""
     cmd = [sys.executable, "-m", "benchmarks.encoder_hf", "--one", impl, str(n), "--hf-dir",
            str(hf_dir), "--reps", str(reps), "--budget-gib", str(args.budget_gib)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    load = OtherLoad()
-    load.start()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {
-            "impl": impl,
-            "n": n,
-            "status": "error",
-            "error": f"timed out after {args.timeout}s",
-        }
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT ") :])
-            result["other_cpu_share"] = load.share()
-            return result
-        if line.startswith("OVER_BUDGET ") and proc.returncode == OVER_BUDGET_EXIT:
-            reason = f"over budget: its RSS passed {args.budget_gib} GiB ({line.split()[1]} GiB)"
-            return {"impl": impl, "n": n, "status": "skipped", "reason": reason,
-                    "over_budget": True}  # fmt: skip
-    tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-    killed = " (killed: out of memory?)" if proc.returncode < 0 else ""
-    return {"impl": impl, "n": n, "status": "error",
-            "error": f"exit {proc.returncode}{killed}: {tail}"}  # fmt: skip
 
+    def over_budget(line: str, returncode: int) -> dict[str, Any] | None:
+        if not (line.startswith("OVER_BUDGET ") and returncode == OVER_BUDGET_EXIT):
+            return None
+        reason = f"over budget: its RSS passed {args.budget_gib} GiB ({line.split()[1]} GiB)"
+        return {"status": "skipped", "reason": reason, "over_budget": True}
 
-def measure_quietly(impl: str, n: int, hf_dir: Path, reps: int, args: argparse.Namespace) -> dict:
-    """Wait for a quiet machine, measure; re-measure (up to --retries) while other processes
-    took more than --busy-threshold of the CPUs, keeping the quietest attempt."""
-    best: dict[str, Any] | None = None
-    for attempt in range(1, args.retries + 2):
-        before = wait_for_idle(args.busy_threshold, args.wait_idle)
-        rec = measure(impl, n, hf_dir, reps, args)
-        rec.update(other_cpu_share_before=before, attempts=attempt)
-        if rec["status"] != "ok":
-            return rec
-        if best is None or rec["other_cpu_share"] < best["other_cpu_share"]:
-            best = rec
-        if rec["other_cpu_share"] <= args.busy_threshold or attempt > args.retries:
-            break
-        print(f"  busy: others used {rec['other_cpu_share']:.0%} of the CPUs; again", flush=True)
-    assert best is not None
-    best.update(attempts=attempt, noisy=best["other_cpu_share"] > args.busy_threshold)
-    return best
+    return run_child(cmd, {"impl": impl, "n": n}, args.timeout, THREADS, over_budget)
 
 
 def use_halotron_draw(hf_model: Any, ours: Any, n: int, step: int) -> None:
@@ -428,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="encoder_hf_") as tmp:
         hf_dirs = {f: save_checkpoint(f, shape, max(ns), Path(tmp) / f) for f in families}
         print(f"fp32 matmul 2048^3 on {THREADS} threads ...", flush=True)
-        matmul_runs = previous.get("machine", {}).get("matmul_runs", []) + [quiet_matmul(args)]
+        matmul_runs = previous.get("machine", {}).get("matmul_runs", [])
+        matmul_runs = [*matmul_runs, quiet_matmul(args.busy_threshold, args.wait_idle)]
         if previous.get("exactness", {}).get("n") == ns[0]:
             exact = previous["exactness"]
         elif args.skip_exactness:
@@ -447,7 +412,10 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 t0 = time.perf_counter()
                 family = impl.split("_", 1)[1]
-                rec = measure_quietly(impl, n, hf_dirs[family], args.reps, args)
+                rec = measure_quietly(
+                    functools.partial(measure, impl, n, hf_dirs[family], args.reps, args),
+                    args.busy_threshold, args.wait_idle, args.retries,
+                )  # fmt: skip
                 rec["took_s"] = time.perf_counter() - t0
             if rec["status"] == "skipped" and impl not in over and rec.get("over_budget"):
                 over[impl] = f"over budget: at N={n} its RSS passed {args.budget_gib} GiB"
@@ -457,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{i}/{len(todo)}] N={n} {impl}: {what}", flush=True)
             results.append(rec)
         print(f"fp32 matmul 2048^3 on {THREADS} threads, again ...", flush=True)
-        matmul_runs.append(quiet_matmul(args))
+        matmul_runs.append(quiet_matmul(args.busy_threshold, args.wait_idle))
     run = {  # one per invocation: --update adds its own
         "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()),
