@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.measure import measure_quietly, quiet_matmul, run_child
+from benchmarks.measure import measure_quietly, quiet_matmul, run_child, timing_record
 from model.sparse import SparsityConfig, count_pairs, reference_attention, sparse_attention
 from train.memory import peak_kib, reset_peak, rss_kib
 
@@ -220,17 +219,7 @@ def run_one(impl: str, n: int, reps: int) -> dict[str, Any]:
         if rep:
             times.append(elapsed)
         del out
-    top_kib = peak_kib(can_reset)
-    return {
-        "impl": impl,
-        "n": n,
-        "status": "ok",
-        "seconds": min(times),
-        "seconds_median": statistics.median(times),
-        "seconds_all": times,
-        "peak_mb": (top_kib - base_kib) / 1024,
-        "peak_method": "VmHWM after clear_refs" if can_reset else "ru_maxrss",
-    }
+    return timing_record(impl, n, times, base_kib, peak_kib(can_reset), can_reset)
 
 
 # ---- one measurement in a fresh process --------------------------------------------------

@@ -33,7 +33,6 @@ import functools
 import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.measure import measure_quietly, quiet_matmul, run_child
+from benchmarks.measure import measure_quietly, quiet_matmul, run_child, timing_record
 from model.registry import build_model
 from model.sparse import SparsityConfig
 from model.transformer import ModelArgs
@@ -209,15 +208,8 @@ def run_one(impl: str, n: int, hf_dir: Path, reps: int, budget_gib: float) -> di
         del loss
     top_kib = peak_kib(can_reset)
     return {
-        "impl": impl,
-        "n": n,
-        "status": "ok",
-        "seconds": min(times),
-        "seconds_median": statistics.median(times),
-        "seconds_all": times,
-        "peak_mb": (top_kib - base_kib) / 1024,
+        **timing_record(impl, n, times, base_kib, top_kib, can_reset),
         "model_mb": model_kib / 1024,
-        "peak_method": "VmHWM after clear_refs" if can_reset else "ru_maxrss",
         "parameters": sum(p.numel() for p in model.parameters()),
         "loss": losses[0],
     }

@@ -9,6 +9,7 @@ process share.
 its children used over an interval (/proc/stat against getrusage): how noisy a timing was.
 `run_child` runs a benchmark's `--one ...` child with a fixed thread count and reads its last
 `RESULT {json}` line (a timeout or crash becomes a record, not an exception);
+`timing_record` is what a child reports of its timed runs and peak memory;
 `measure_quietly` waits for a quiet machine and measures again while others were busy, keeping
 the quietest attempt; `quiet_matmul` gives the machine's fp32 matmul GFLOP/s the same way.
 Used by benchmarks/attention.py and benchmarks/encoder_hf.py.
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ import torch
 
 __all__ = [
     "OtherLoad", "wait_for_idle", "run_child", "measure_quietly", "matmul_gflops",
-    "quiet_matmul",
+    "quiet_matmul", "timing_record",
 ]  # fmt: skip
 
 
@@ -75,6 +77,24 @@ def wait_for_idle(threshold: float, max_wait: float) -> float:
         share = load.share()
         if share <= threshold or time.perf_counter() >= deadline:
             return share
+
+
+def timing_record(
+    impl: str, n: int, times: list[float], base_kib: int, top_kib: int, can_reset: bool
+) -> dict[str, Any]:
+    """A child's record of `impl` at length `n`: the best, median and every one of its timed
+    runs (`times`, seconds) and its peak RSS above `base_kib` (train.memory: VmHWM after
+    clear_refs when `can_reset`, else ru_maxrss)."""
+    return {
+        "impl": impl,
+        "n": n,
+        "status": "ok",
+        "seconds": min(times),
+        "seconds_median": statistics.median(times),
+        "seconds_all": times,
+        "peak_mb": (top_kib - base_kib) / 1024,
+        "peak_method": "VmHWM after clear_refs" if can_reset else "ru_maxrss",
+    }
 
 
 def run_child(

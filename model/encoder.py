@@ -33,10 +33,9 @@ import hashlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.layers import MLP, LocalLinears
+from model.layers import MLP, LocalLinears, gelu
 from model.sparse import SparsityConfig
 from model.transformer import (
     Attention,
@@ -48,11 +47,6 @@ from model.transformer import (
 )
 
 __all__ = ["Encoder", "encoder_initial_values"]
-
-
-def _gelu(kind: str):
-    approximate = "tanh" if kind == "gelu_tanh" else "none"
-    return lambda x: F.gelu(x, approximate=approximate)
 
 
 class EncoderBlock(nn.Module):
@@ -127,7 +121,6 @@ class Encoder(ModelBase):
         lm_head = nn.Linear(c, args.vocab_size)
         self.lm_head: nn.Module | None = lm_head
         self.pooler: nn.Module | None = nn.Linear(c, c) if args.pooler else None
-        self.act = _gelu(args.mlp)
         self.init_weights(seed)
         if self.pooler is not None:
             self.pooler.requires_grad_(False)
@@ -164,7 +157,7 @@ class Encoder(ModelBase):
         )  # fmt: skip
         if self.lm_head is None or self.head is None:
             return x
-        h = self.head["norm"](self.act(self.head["dense"](x)))
+        h = self.head["norm"](gelu(self.head["dense"](x), self.args.mlp))
         return self.lm_head(h).float()
 
     def _embed(self, tokens_bn, position_ids_bn, padding_mask_bn) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linears", "LocalLinears", "RMSNorm", "MLP"]
+__all__ = ["Linears", "LocalLinears", "RMSNorm", "MLP", "gelu"]
 
 
 class Linears(Protocol):
@@ -63,6 +63,12 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
+def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """GELU of model.mlp's `kind`: "gelu_tanh" the tanh approximation (HF's "gelu_new"),
+    otherwise the exact (erf) one."""
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
 class MLP(nn.Module):
     """SwiGLU (gate and up projections, silu) or GELU ("gelu": erf; "gelu_tanh": the tanh
     approximation) feed-forward block; `bias`: both projections with a bias (BERT's)."""
@@ -84,5 +90,5 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+            h = gelu(h, self.kind)
         return self.down(h)

@@ -196,7 +196,7 @@ class Config:
             )
         par = self.parallel
         if self.model.arch == "encoder":
-            _check_encoder(self.model, par, seq_len)
+            _check_encoder(self.model, seq_len)
         check_split(par.tp, par.pp, par.cp, par.sequence_parallel, self.model, attn, seq_len)
         if self.train.engine == "deepspeed":
             reason = deepspeed_refusal(par.pp)
@@ -204,7 +204,7 @@ class Config:
                 raise ValueError(reason)
 
 
-def _check_encoder(model: ModelArgs, par: ParallelArgs, seq_len: int) -> None:
+def _check_encoder(model: ModelArgs, seq_len: int) -> None:
     """What model.arch=encoder (model/encoder.py) needs of the run, refused at load time."""
     if model.max_positions < seq_len + model.position_offset:
         raise ValueError(
