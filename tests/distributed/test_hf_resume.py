@@ -1,7 +1,7 @@
 """An imported HF run (python -m train.hf import: one process, step 0) resumes under a
 parallel layout on the Megatron engine with the one-process resume's losses: a Llama under
 tp=2 (slow), a Longformer (the encoder, with its window, global tokens and global
-projections) under tp=2 with sequence parallelism and (slow) under cp=2.
+projections) under tp=2 with sequence parallelism and under cp=2 (slow too).
 
 Two spawned gloo ranks run `train.loop.train` with the layout on a copy of the imported run
 directory; the pytest process resumes another copy in one process (the reference).
@@ -65,13 +65,9 @@ def test_an_imported_run_resumes_under_tp2_with_the_one_process_loss(tiny_prepar
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["parallel.tp=2", "parallel.sequence_parallel=true"],
-        # make bench: the encoder's cp2 parity and cp resharding are in make test
-        pytest.param(["parallel.cp=2"], marks=pytest.mark.slow),
-    ],
+@pytest.mark.slow  # make bench: the encoder's parity runs (tp2 + SP, cp2, a dp2 resume through
+@pytest.mark.parametrize(  # a model-space checkpoint) and the Longformer's resume are in make test
+    "layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.cp=2"]]
 )
 def test_an_imported_longformer_resumes_under_a_layout_with_the_one_process_losses(
     layout, tiny_mlm_data, tmp_path
